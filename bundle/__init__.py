@@ -1,0 +1,26 @@
+"""Components of the ``pathology_mpamatch_segmentation`` MONAI bundle (MPAMatch semi-supervised segmentation).
+
+Sub-packages are imported lazily so that ``import bundle`` stays cheap for configs that need only one part:
+``bundle.data`` (datalists, transforms, dataset preparation), ``bundle.networks`` (TransUNet and encoders),
+``bundle.text`` (text encoders and the prompt learner), ``bundle.losses`` (losses and the image prototype bank)
+and ``bundle.engine`` (the semi-supervised trainer and handlers).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import BundleInputError, install_excepthook
+
+__version__ = "0.1.0"
+__all__ = ["BundleInputError", "__version__", "data", "engine", "losses", "networks", "text"]
+
+_SUBPACKAGES = {"data", "engine", "losses", "networks", "text"}
+
+install_excepthook()
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

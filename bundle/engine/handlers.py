@@ -1,0 +1,67 @@
+"""Small Ignite handlers the MONAI handler set lacks: a training progress bar and a log file next to the outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+
+__all__ = ["LogFileHandler", "TrainingProgressBar"]
+
+
+class TrainingProgressBar:
+    """An ignite ``ProgressBar`` over each epoch's iterations that shows the current total loss.
+
+    MONAI attaches handlers with ``handler.attach(engine)`` only; this wrapper supplies the output transform.
+    """
+
+    def __init__(self, persist: bool = False, loss_key: str = "loss", **tqdm_kwargs) -> None:
+        self.loss_key = loss_key
+        self.bar = ProgressBar(persist=persist, **tqdm_kwargs)
+
+    def attach(self, engine: Engine) -> None:
+        def loss_only(output):
+            value = output.get(self.loss_key) if isinstance(output, dict) else None
+            return {} if value is None else {self.loss_key: float(value)}
+
+        self.bar.attach(engine, output_transform=loss_only)
+
+
+class LogFileHandler:
+    """Copies the log records of the given loggers (default: the root logger) into ``path`` during the run."""
+
+    def __init__(self, path: str, level: int | str = logging.INFO, loggers: list[str] | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.level = level
+        self.loggers = loggers or [""]
+        self._handler: logging.Handler | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_on_error)
+
+    def _open(self, _engine: Engine) -> None:
+        if self._handler is not None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        handler.setLevel(self.level)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name in self.loggers:
+            logging.getLogger(name).addHandler(handler)
+        self._handler = handler
+
+    def _close(self, _engine: Engine) -> None:
+        if self._handler is None:
+            return
+        for name in self.loggers:
+            logging.getLogger(name).removeHandler(self._handler)
+        self._handler.close()
+        self._handler = None
+
+    def _close_on_error(self, engine: Engine, error: Exception) -> None:
+        self._close(engine)
+        raise error

@@ -1,0 +1,294 @@
+"""``SemiSupervisedTrainer``: MPAMatch/UniMatch training on MONAI's Ignite engines.
+
+Each iteration draws one labelled batch (the engine's data loader) and one unlabelled batch (its own, endlessly
+cycled loader holding a weak view ``image`` and two strong views ``image_s1``/``image_s2``), then runs
+
+1. one forward of ``[labelled, weak]`` that also decodes a feature-perturbed copy of the weak part (FP stream);
+2. CutMix of each strong view with a source (default: the batch rolled by one, so no extra forward; or a second
+   unlabelled batch predicted in eval mode, as in the UniMatch code), mixing images, pseudo-labels and confidences
+   with the same boxes;
+3. one forward of ``[strong 1, strong 2]``;
+4. :class:`bundle.losses.MPAMatchLoss` on everything, backward and optimizer step.
+
+It fires MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and stores ``image``, ``label``, ``pred``, ``loss``
+and ``loss_terms`` (every term as a float) in ``engine.state.output``. Without an unlabelled loader (or with an
+empty one) every iteration is a supervised one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Transform
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim.optimizer import Optimizer
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bundle.data.cutmix import CutMix, roll_source
+from bundle.errors import BundleInputError
+from bundle.losses import MPAMatchLoss, StepOutputs
+
+__all__ = ["SemiSupervisedTrainer"]
+
+logger = logging.getLogger(__name__)
+
+CUTMIX_SOURCES = ("rolled", "batch")
+
+
+class SemiSupervisedTrainer(Trainer):
+    """Weak-to-strong consistency training with a labelled and an unlabelled loader (see module docstring).
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking, prepare_batch,
+        iteration_update, postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers,
+        event_names, event_to_attr, decollate, optim_set_to_none, to_kwargs, amp_kwargs: as in
+            ``monai.engines.SupervisedTrainer``. ``train_data_loader`` yields labelled ``image``/``label`` batches.
+        loss_function: the :class:`bundle.losses.MPAMatchLoss`.
+        unlabeled_data_loader: yields ``image`` (weak), ``image_s1``, ``image_s2``; None -> supervised training.
+        inferer: runs the network (``SimpleInferer`` by default; keyword arguments are passed through).
+        cutmix: the :class:`bundle.data.cutmix.CutMix` applied to the strong views (None: no CutMix).
+        cutmix_source: "rolled" (the unlabelled batch rolled by one) or "batch" (another unlabelled batch,
+            predicted in eval mode).
+        amp: mixed precision on CUDA (ignored, with a log line, on a CPU).
+        strong_keys: keys of the two strong views in the unlabelled batch.
+        channels_last: move image batches to the channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        loss_function: MPAMatchLoss,
+        unlabeled_data_loader: Iterable | DataLoader | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        inferer: Inferer | None = None,
+        postprocessing: Transform | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+        cutmix: CutMix | None = None,
+        cutmix_source: str = "rolled",
+        strong_keys: Sequence[str] = ("image_s1", "image_s2"),
+        channels_last: bool = False,
+    ) -> None:
+        if cutmix_source not in CUTMIX_SOURCES:
+            raise BundleInputError(f"cutmix_source must be one of {CUTMIX_SOURCES}, got {cutmix_source!r}")
+        device = torch.device(device)
+        if amp and device.type != "cuda":
+            logger.info("AMP is only used on CUDA devices; training in float32 on %s", device)
+            amp = False
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.optim_set_to_none = optim_set_to_none
+        self.cutmix = cutmix
+        self.cutmix_source = cutmix_source
+        self.strong_keys = tuple(strong_keys)
+        self.channels_last = channels_last
+        self.unlabeled_data_loader = unlabeled_data_loader
+        self._unlabeled_iter: Any = None
+        self.unlabeled_epoch = 0
+        if self.semi_supervised:
+            logger.info("semi-supervised training: labelled and unlabelled batches each iteration")
+        else:
+            logger.info("no unlabelled data: supervised training")
+
+    @property
+    def semi_supervised(self) -> bool:
+        loader = self.unlabeled_data_loader
+        if loader is None:
+            return False
+        try:
+            return len(loader) > 0  # type: ignore[arg-type]
+        except TypeError:  # an iterable without length
+            return True
+
+    # ---------------------------------------------------------------- data
+
+    def _next_unlabeled(self) -> dict:
+        """The next unlabelled batch; the loader restarts (with its sampler's epoch advanced) when exhausted."""
+        if self._unlabeled_iter is None:
+            self._set_unlabeled_epoch()
+            self._unlabeled_iter = iter(self.unlabeled_data_loader)
+        try:
+            return next(self._unlabeled_iter)
+        except StopIteration:
+            self.unlabeled_epoch += 1
+            self._set_unlabeled_epoch()
+            self._unlabeled_iter = iter(self.unlabeled_data_loader)
+            return next(self._unlabeled_iter)
+
+    def _set_unlabeled_epoch(self) -> None:
+        sampler = getattr(self.unlabeled_data_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self.unlabeled_epoch)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
+        if self.channels_last and tensor.ndim == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    # ---------------------------------------------------------------- iteration
+
+    def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        images, labels = batch[0], batch[1]
+        if engine.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        unlabeled = engine._next_unlabeled() if engine.semi_supervised else None
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: labels}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+        with autocast:
+            if unlabeled is None:
+                step = engine._supervised_forward(images, labels)
+            else:
+                step = engine._semi_supervised_forward(images, labels, unlabeled)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = engine.loss_function(step, engine.state.iteration)
+        loss = terms["loss"]
+        engine.state.output[Keys.PRED] = step.logits_x.detach()
+        engine.state.output[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.state.output["loss_terms"] = {name: float(value.detach()) for name, value in terms.items()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _forward(self, images: torch.Tensor, **kwargs: Any) -> Any:
+        return self.inferer(images, self.network, **kwargs)
+
+    def _supervised_forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutputs:
+        if self.loss_function.needs_embedding:
+            out = self._forward(images, return_embedding=True)
+            return StepOutputs(logits_x=out["logits"], label_x=labels, embedding_x=out["embedding"])
+        return StepOutputs(logits_x=self._forward(images), label_x=labels)
+
+    def _semi_supervised_forward(self, images: torch.Tensor, labels: torch.Tensor, unlabeled: dict) -> StepOutputs:
+        weak = self._to_device(unlabeled[Keys.IMAGE])
+        strong1 = self._to_device(unlabeled[self.strong_keys[0]])
+        strong2 = self._to_device(unlabeled[self.strong_keys[1]])
+        n_x, n_u = images.shape[0], weak.shape[0]
+        want_embedding = self.loss_function.needs_embedding
+
+        # CutMix source prepared before the main forward (UniMatch predicts it in eval mode)
+        source = self._cutmix_source_batch() if self.cutmix is not None and self.cutmix_source == "batch" else None
+
+        out = self._forward(torch.cat([images, weak]), perturb_from=n_x, return_embedding=want_embedding)
+        logits_x, logits_w = out["logits"][:n_x], out["logits"][n_x:]
+        with torch.no_grad():
+            conf_w, pseudo_w = logits_w.detach().float().softmax(dim=1).max(dim=1)
+
+        pseudo_s, conf_s, strong = [pseudo_w, pseudo_w], [conf_w, conf_w], [strong1, strong2]
+        if self.cutmix is not None:
+            if source is None:  # rolled batch: sample i takes its box from sample i-1
+                src_pseudo, src_conf = roll_source(pseudo_w), roll_source(conf_w)
+                src_images = [roll_source(strong1), roll_source(strong2)]
+            else:
+                src_pseudo, src_conf, *src_images = self._match_batch([source[0], source[1], *source[2]], n_u)
+            height, width = weak.shape[-2:]
+            for view in range(2):
+                boxes = self.cutmix.sample_boxes(n_u, height, width, device=weak.device)
+                mixed = self.cutmix.mix_all(
+                    boxes,
+                    {"image": strong[view], "pseudo": pseudo_w, "conf": conf_w},
+                    {"image": src_images[view], "pseudo": src_pseudo, "conf": src_conf},
+                )
+                strong[view], pseudo_s[view], conf_s[view] = mixed["image"], mixed["pseudo"], mixed["conf"]
+
+        out_s = self._forward(torch.cat(strong), return_embedding=want_embedding)
+        logits_s1, logits_s2 = out_s["logits"][:n_u], out_s["logits"][n_u:]
+        emb = out.get("embedding")
+        emb_s = out_s.get("embedding")
+        return StepOutputs(
+            logits_x=logits_x,
+            label_x=labels,
+            embedding_x=None if emb is None else emb[:n_x],
+            logits_s1=logits_s1,
+            logits_s2=logits_s2,
+            logits_fp=out["logits_fp"],
+            pseudo_w=pseudo_w,
+            conf_w=conf_w,
+            pseudo_s1=pseudo_s[0],
+            conf_s1=conf_s[0],
+            pseudo_s2=pseudo_s[1],
+            conf_s2=conf_s[1],
+            embedding_w=None if emb is None else emb[n_x:],
+            embedding_s1=None if emb_s is None else emb_s[:n_u],
+            embedding_s2=None if emb_s is None else emb_s[n_u:],
+        )
+
+    def _cutmix_source_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """A second unlabelled batch: its weak view predicted in eval mode, its strong views as mixing sources."""
+        mix = self._next_unlabeled()
+        weak = self._to_device(mix[Keys.IMAGE])
+        self.network.eval()
+        with torch.no_grad():
+            conf, pseudo = self._forward(weak).float().softmax(dim=1).max(dim=1)
+        self.network.train()
+        strong = [self._to_device(mix[key]) for key in self.strong_keys]
+        return pseudo, conf, strong
+
+    @staticmethod
+    def _match_batch(tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+        """Repeat or cut a source batch to ``size`` samples (the last unlabelled batch may be smaller)."""
+        if tensors[0].shape[0] == size:
+            return list(tensors)
+        index = torch.arange(size, device=tensors[0].device) % tensors[0].shape[0]
+        return [t[index] for t in tensors]
