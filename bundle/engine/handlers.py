@@ -29,13 +29,17 @@ class TrainingProgressBar:
         self.bar.attach(engine, output_transform=loss_only)
 
 
+# MONAI's StatsHandler logs to its own logger, which does not propagate to the root logger
+DEFAULT_LOGGERS = ("", "monai.handlers.StatsHandler")
+
+
 class LogFileHandler:
-    """Copies the log records of the given loggers (default: the root logger) into ``path`` during the run."""
+    """Copies the log records of the given loggers (default: root and MONAI's StatsHandler) into ``path``."""
 
     def __init__(self, path: str, level: int | str = logging.INFO, loggers: list[str] | None = None) -> None:
         self.path = os.path.abspath(path)
         self.level = level
-        self.loggers = loggers or [""]
+        self.loggers = list(loggers) if loggers else list(DEFAULT_LOGGERS)
         self._handler: logging.Handler | None = None
 
     def attach(self, engine: Engine) -> None:

@@ -18,11 +18,12 @@ empty one) every iteration is a supervised one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.inferers import Inferer, SimpleInferer
@@ -42,6 +43,31 @@ logger = logging.getLogger(__name__)
 CUTMIX_SOURCES = ("rolled", "batch")
 
 
+@contextmanager
+def frozen_norm_statistics(network: torch.nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Batch norm layers normalise with the batch's statistics but leave their running statistics unchanged.
+
+    Used for the strong views: heavy colour jitter and grayscale shift the batch statistics so far from those of
+    real images that running averages fed by them break the evaluation-mode network.
+    """
+    layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor metadata is not needed inside an iteration and slows slicing."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
 class SemiSupervisedTrainer(Trainer):
     """Weak-to-strong consistency training with a labelled and an unlabelled loader (see module docstring).
 
@@ -59,6 +85,8 @@ class SemiSupervisedTrainer(Trainer):
         amp: mixed precision on CUDA (ignored, with a log line, on a CPU).
         strong_keys: keys of the two strong views in the unlabelled batch.
         channels_last: move image batches to the channels-last memory format.
+        strong_views_update_norm_stats: let the strong views' forward update batch-norm running statistics
+            (UniMatch's code does; by default they do not, see :func:`frozen_norm_statistics`).
     """
 
     def __init__(
@@ -91,6 +119,7 @@ class SemiSupervisedTrainer(Trainer):
         cutmix_source: str = "rolled",
         strong_keys: Sequence[str] = ("image_s1", "image_s2"),
         channels_last: bool = False,
+        strong_views_update_norm_stats: bool = False,
     ) -> None:
         if cutmix_source not in CUTMIX_SOURCES:
             raise BundleInputError(f"cutmix_source must be one of {CUTMIX_SOURCES}, got {cutmix_source!r}")
@@ -127,6 +156,7 @@ class SemiSupervisedTrainer(Trainer):
         self.cutmix_source = cutmix_source
         self.strong_keys = tuple(strong_keys)
         self.channels_last = channels_last
+        self.strong_views_update_norm_stats = strong_views_update_norm_stats
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Any = None
         self.unlabeled_epoch = 0
@@ -166,7 +196,7 @@ class SemiSupervisedTrainer(Trainer):
             sampler.set_epoch(self.unlabeled_epoch)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
+        tensor = _plain(tensor).to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
         if self.channels_last and tensor.ndim == 4:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor
@@ -177,7 +207,7 @@ class SemiSupervisedTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        images, labels = batch[0], batch[1]
+        images, labels = _plain(batch[0]), _plain(batch[1])
         if engine.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         unlabeled = engine._next_unlabeled() if engine.semi_supervised else None
@@ -214,11 +244,14 @@ class SemiSupervisedTrainer(Trainer):
     def _forward(self, images: torch.Tensor, **kwargs: Any) -> Any:
         return self.inferer(images, self.network, **kwargs)
 
+    def _forward_dict(self, images: torch.Tensor, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Network outputs as a dict (a plain call returns only the logits tensor)."""
+        out = self._forward(images, **kwargs)
+        return out if isinstance(out, dict) else {"logits": out}
+
     def _supervised_forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutputs:
-        if self.loss_function.needs_embedding:
-            out = self._forward(images, return_embedding=True)
-            return StepOutputs(logits_x=out["logits"], label_x=labels, embedding_x=out["embedding"])
-        return StepOutputs(logits_x=self._forward(images), label_x=labels)
+        out = self._forward_dict(images, return_embedding=self.loss_function.needs_embedding)
+        return StepOutputs(logits_x=out["logits"], label_x=labels, embedding_x=out.get("embedding"))
 
     def _semi_supervised_forward(self, images: torch.Tensor, labels: torch.Tensor, unlabeled: dict) -> StepOutputs:
         weak = self._to_device(unlabeled[Keys.IMAGE])
@@ -252,7 +285,8 @@ class SemiSupervisedTrainer(Trainer):
                 )
                 strong[view], pseudo_s[view], conf_s[view] = mixed["image"], mixed["pseudo"], mixed["conf"]
 
-        out_s = self._forward(torch.cat(strong), return_embedding=want_embedding)
+        with frozen_norm_statistics(self.network, frozen=not self.strong_views_update_norm_stats):
+            out_s = self._forward_dict(torch.cat(strong), return_embedding=want_embedding)
         logits_s1, logits_s2 = out_s["logits"][:n_u], out_s["logits"][n_u:]
         emb = out.get("embedding")
         emb_s = out_s.get("embedding")

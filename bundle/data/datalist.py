@@ -1,0 +1,158 @@
+"""Loading and validating the bundle's datalists (``<dataset_dir>/datalist.json``, MONAI JSON style).
+
+A datalist holds the lists ``training`` (labelled: ``{"image", "label", ...}``), ``unlabeled`` (``{"image", ...}``),
+``validation`` and ``test`` (labelled). Items may carry extra keys (``name``, ``part``, ``instance_label``, ...);
+paths are relative to the dataset folder or absolute. Every problem is reported as a one-line
+:class:`~bundle.errors.BundleInputError` that names the datalist file, the list, the item and the path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+from bundle.errors import BundleInputError
+
+__all__ = [
+    "DATALIST_FILENAME",
+    "LABELLED_KEYS",
+    "PATH_KEYS",
+    "ensure_dataset",
+    "load_datalist",
+    "write_datalist",
+]
+
+DATALIST_FILENAME = "datalist.json"
+PATH_KEYS = ("image", "label", "instance_label")
+# lists whose items must reference a label
+LABELLED_KEYS = ("training", "validation", "test")
+
+logger = logging.getLogger(__name__)
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def _read_datalist(dataset_dir: str) -> tuple[str, dict[str, Any]]:
+    if not os.path.isdir(dataset_dir):
+        what = "is not a folder" if os.path.exists(dataset_dir) else "does not exist"
+        raise BundleInputError(f"dataset folder {dataset_dir} {what}")
+    datalist_path = os.path.join(dataset_dir, DATALIST_FILENAME)
+    if not os.path.isfile(datalist_path):
+        raise BundleInputError(
+            f"no {DATALIST_FILENAME} in the dataset folder {dataset_dir}; create one with "
+            f"`python -m bundle.prepare glas --source SRC --output {dataset_dir} --split 10` or write it by hand"
+        )
+    try:
+        with open(datalist_path, encoding="utf-8") as stream:
+            content = json.load(stream)
+    except json.JSONDecodeError as error:
+        raise BundleInputError(
+            f"{datalist_path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise BundleInputError(f"cannot read {datalist_path}: {error}") from error
+    if not isinstance(content, dict):
+        raise BundleInputError(
+            f"{datalist_path} must hold a JSON object with lists such as 'training', got a {type(content).__name__}"
+        )
+    return datalist_path, content
+
+
+def load_datalist(
+    dataset_dir: str | os.PathLike, key: str, *, allow_empty: bool = False, check_files: bool = True
+) -> list[dict[str, Any]]:
+    """Return the list ``key`` of ``dataset_dir/datalist.json`` with its paths made absolute.
+
+    The values of :data:`PATH_KEYS` are resolved against ``dataset_dir`` (absolute paths are kept) and returned as
+    absolute ``str`` paths; other keys are copied unchanged. Items of :data:`LABELLED_KEYS` must have a ``label``.
+    With ``allow_empty`` a missing or empty list gives ``[]``; with ``check_files`` every referenced file must exist.
+    Raises :class:`BundleInputError` with a one-line message for every problem.
+    """
+    dataset_dir = _absolute(dataset_dir)
+    datalist_path, content = _read_datalist(dataset_dir)
+    if key not in content:
+        if allow_empty:
+            return []
+        present = ", ".join(repr(name) for name, value in content.items() if isinstance(value, list)) or "none"
+        raise BundleInputError(f"{datalist_path} has no {key!r} list (lists present: {present})")
+    items = content[key]
+    if not isinstance(items, list):
+        raise BundleInputError(f"{key!r} in {datalist_path} must be a list of items, got a {type(items).__name__}")
+    if not items and not allow_empty:
+        raise BundleInputError(f"the {key!r} list in {datalist_path} is empty")
+
+    required = ("image", "label") if key in LABELLED_KEYS else ("image",)
+    resolved_items = []
+    for index, item in enumerate(items):
+        where = f"item {index} of {key!r} in {datalist_path}"
+        if not isinstance(item, dict):
+            raise BundleInputError(f"{where} must be an object with an 'image' path, got {item!r}")
+        for name in required:
+            if name not in item:
+                raise BundleInputError(f"{where} has no {name!r} path")
+        resolved = dict(item)
+        for name in PATH_KEYS:
+            if name not in item:
+                continue
+            value = item[name]
+            if not isinstance(value, str) or not value:
+                raise BundleInputError(f"{where}: {name!r} must be a non-empty path string, got {value!r}")
+            path = os.path.normpath(os.path.join(dataset_dir, os.path.expanduser(value)))
+            if check_files and not os.path.isfile(path):
+                raise BundleInputError(f"{where}: {name} {path} does not exist")
+            resolved[name] = path
+        resolved_items.append(resolved)
+    return resolved_items
+
+
+def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write ``datalist`` as 4-space-indented JSON to ``path`` atomically (a temporary file moved into place).
+
+    Readers never see a half-written datalist, and an interrupted write leaves the previous file (or none).
+    Returns the absolute path.
+    """
+    path = _absolute(path)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(datalist, stream, indent=4)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike, default_dataset_dir: str | os.PathLike) -> str:
+    """Return ``dataset_dir`` as an absolute path, first writing the synthetic dataset there if it is the default.
+
+    Only when ``dataset_dir`` has no ``datalist.json`` and resolves to the same place as ``default_dataset_dir``
+    is the embedded synthetic dataset generated (see :func:`bundle.data.synthetic.generate_synthetic_dataset`);
+    any other folder is left alone, so that :func:`load_datalist` reports what is missing. An existing datalist is
+    never overwritten; the datalist is written last, so an interrupted generation is simply redone on the next call.
+    """
+    dataset_dir = _absolute(dataset_dir)
+    if os.path.isfile(os.path.join(dataset_dir, DATALIST_FILENAME)):
+        return dataset_dir
+    if os.path.realpath(dataset_dir) != os.path.realpath(_absolute(default_dataset_dir)):
+        return dataset_dir
+    if os.path.exists(dataset_dir) and not os.path.isdir(dataset_dir):
+        raise BundleInputError(f"default dataset folder {dataset_dir} exists but is not a folder")
+    # imported here: the synthetic module writes its datalist with write_datalist from this module
+    from bundle.data.synthetic import generate_synthetic_dataset
+
+    logger.info(
+        "no %s in the default dataset folder %s: generating the embedded synthetic dataset there "
+        "(use --dataset_dir to train on real data)",
+        DATALIST_FILENAME,
+        dataset_dir,
+    )
+    generate_synthetic_dataset(dataset_dir)
+    return dataset_dir

@@ -1,0 +1,253 @@
+"""The train workflow as MONAI runs it: config properties, presets, a short run, checkpoints, real-GlaS training.
+
+Every run uses ``configs/train.json`` itself with shrinking overrides (a tiny network, small crops, a few
+iterations), the way the Model Zoo tests bundles.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.engines import IterationEvents
+
+from bundle.data.synthetic import generate_synthetic_dataset
+from bundle.prepare import main as prepare_main
+
+TINY_NETWORK = {
+    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
+    "head_channels": 32,
+    "decoder_channels": [32, 16, 16, 8],
+    "embedding_dim": 16,
+}
+
+
+def small_overrides(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
+    overrides = {
+        "bundle_root": str(Path(__file__).resolve().parents[1]),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(tmp_path / "out"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "max_epochs": 2,
+        "epoch_length": 3,
+        "batch_size": 2,
+        "patch_size": [64, 64],
+        "zoom_range": [0.5, 1.0],
+        "threshold_warmup_iterations": 2,
+        "prototype_warmup_iterations": 2,
+        "cache_rate": 0.0,
+        "sw_batch_size": 2,
+        "log_interval": 1,
+        **TINY_NETWORK,
+    }
+    overrides.update(extra)
+    return overrides
+
+
+def config_files(*presets: str) -> list[str]:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return [str(root / "train.json")] + [str(root / f"{name}.json") for name in presets]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    generate_synthetic_dataset(out, image_size=96, num_labelled=3, num_unlabeled=4, num_validation=2, num_test=1)
+    return out
+
+
+def make_workflow(files, run_id: str = "run", **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(config_file=files, workflow_type="train", run_id=run_id, logging_file=False, **overrides)
+
+
+def record_terms(trainer) -> list[dict]:
+    history: list[dict] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(dict(e.state.output["loss_terms"])))
+    return history
+
+
+def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
+    workflow = make_workflow(config_files(), run_id="training", **small_overrides(tmp_path, synthetic_dir))
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.semi_supervised
+    events = {name: 0 for name in ("FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED")}
+    for name in events:
+        trainer.add_event_handler(getattr(IterationEvents, name), lambda e, n=name: events.__setitem__(n, events[n] + 1))
+    history = record_terms(trainer)
+    workflow.run()
+    workflow.finalize()
+
+    assert all(count == 6 for count in events.values()), events
+    assert len(history) == 6
+    expected = {"loss", "loss_x", "loss_u", "loss_u_s1", "loss_u_s2", "loss_u_fp", "loss_img", "loss_txt"}
+    for terms in history:
+        assert expected <= set(terms)
+        assert all(math.isfinite(v) for v in terms.values()), terms
+
+    out = tmp_path / "out"
+    assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+    log_text = (out / "train.log").read_text()
+    assert "loss_x" in log_text and "val_dice" in log_text
+
+    # models/model.pt: a plain state dict of network_def
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True, map_location="cpu")
+    network = workflow.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+    network.load_state_dict(state, strict=True)
+
+    # best.pt / last.pt hold everything needed to resume and load with weights_only=True
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(out / "checkpoints" / name, weights_only=True, map_location="cpu")
+        assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "criterion", "trainer"}
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert last["trainer"]["iteration"] == 6 and last["trainer"]["epoch"] == 2
+    assert {"image_prototypes.prototypes", "image_prototypes.initialized", "prompt_learner.ctx"} <= set(last["criterion"])
+    assert bool(last["criterion"]["image_prototypes.initialized"].all())
+
+    fresh = make_workflow(config_files(), **small_overrides(tmp_path / "fresh", synthetic_dir))
+    fresh.initialize()
+    fresh.parser.get_parsed_content("network").load_state_dict(last["network"])
+    fresh.parser.get_parsed_content("optimizer").load_state_dict(last["optimizer"])
+    fresh.parser.get_parsed_content("lr_scheduler").load_state_dict(last["lr_scheduler"])
+    criterion = fresh.parser.get_parsed_content("criterion")
+    criterion.load_state_dict(last["criterion"])
+    assert torch.equal(criterion.image_prototypes.prototypes, last["criterion"]["image_prototypes.prototypes"])
+    fresh.parser.get_parsed_content("train#trainer").load_state_dict(last["trainer"])
+
+
+@pytest.mark.parametrize(
+    "preset, semi, embedding, present, absent",
+    [
+        ("supervised", False, False, {"loss_x"}, {"loss_u", "loss_img", "loss_txt"}),
+        ("unimatch", True, False, {"loss_u", "loss_u_fp"}, {"loss_img", "loss_txt"}),
+        ("image_prototypes", True, True, {"loss_u", "loss_img"}, {"loss_txt"}),
+        ("text_prototypes", True, True, {"loss_u", "loss_txt"}, {"loss_img"}),
+        ("mpamatch", True, True, {"loss_u", "loss_img", "loss_txt"}, set()),
+    ],
+)
+def test_ablation_presets(tmp_path, synthetic_dir, preset, semi, embedding, present, absent):
+    workflow = make_workflow(config_files(preset), **small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2))
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.semi_supervised is semi
+    assert trainer.loss_function.needs_embedding is embedding
+    history = record_terms(trainer)
+    workflow.run()
+    assert len(history) == 2
+    assert present <= set(history[-1]) and not (absent & set(history[-1]))
+
+
+def test_empty_unlabeled_pool_falls_back_to_supervised(tmp_path, synthetic_dir):
+    datalist = json.loads((synthetic_dir / "datalist.json").read_text())
+    datalist["unlabeled"] = []
+    data = tmp_path / "data"
+    data.mkdir()
+    for key in ("training", "validation", "test"):
+        for item in datalist[key]:
+            for field in ("image", "label"):
+                item[field] = str(synthetic_dir / item[field])
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    workflow = make_workflow(config_files(), **small_overrides(tmp_path, data, max_epochs=1, epoch_length=2))
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert not trainer.semi_supervised
+    history = record_terms(trainer)
+    workflow.run()
+    assert "loss_u" not in history[-1] and "loss_img" in history[-1]
+
+
+def test_cutmix_from_a_separate_batch_and_adamw_preset(tmp_path, synthetic_dir):
+    overrides = small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2, cutmix_source="batch", cutmix_prob=1.0)
+    workflow = make_workflow(config_files("adamw"), **overrides)
+    workflow.initialize()
+    assert type(workflow.parser.get_parsed_content("optimizer")).__name__ == "AdamW"
+    history = record_terms(workflow.parser.get_parsed_content("train#trainer"))
+    workflow.run()
+    assert len(history) == 2 and all(math.isfinite(v) for v in history[-1].values())
+
+
+def test_uni_preset_builds_the_paper_setting():
+    parser = ConfigParser()
+    parser.read_config(config_files("uni"))
+    parser["bundle_root"] = "/opt/bundle"
+    assert parser.get_parsed_content("encoder") == "uni"
+    assert parser.get_parsed_content("encoder_kwargs") == {"checkpoint_path": "/opt/bundle/models/uni/pytorch_model.bin"}
+    assert parser.get_parsed_content("patch_size") == [256, 256]
+    assert parser.get_parsed_content("encoder_lr_scale") == 0.1
+
+
+def test_config_pipelines_keep_image_and_label_aligned(synthetic_dir):
+    """The labelled and unlabelled chains of train.json, on an image whose pixels encode its own mask."""
+    from PIL import Image
+    from test_transforms import boundary
+
+    parser = ConfigParser()
+    parser.read_config(config_files())
+    parser.update({"bundle_root": str(Path(__file__).resolve().parents[1]), "patch_size": [64, 64]})
+    labelled = parser.get_parsed_content("train#preprocessing")
+    unlabeled = parser.get_parsed_content("train#unlabeled#preprocessing")
+    mask_path = synthetic_dir / "masks" / "syn_000.png"
+    mask = np.asarray(Image.open(mask_path))
+    code_path = synthetic_dir.parent / "code.png"
+    Image.fromarray(np.dstack([mask] * 3)).save(code_path)
+    checked = 0
+    for seed in range(10):
+        out = labelled.set_random_state(seed)({"image": str(code_path), "label": str(mask_path)})
+        image, label = out["image"], out["label"]
+        assert tuple(image.shape) == (3, 64, 64) and tuple(label.shape) == (1, 64, 64) and label.dtype == torch.int64
+        wrong = ((image[0] > 0).long() != label[0]) & ~boundary(label)
+        assert int(wrong.sum()) == 0
+        views = unlabeled.set_random_state(seed)({"image": str(code_path)})
+        assert {"image", "image_s1", "image_s2"} <= set(views)
+        # same random state -> same geometry as the labelled chain: the weak view equals the labelled image
+        assert torch.allclose(views["image"], image, atol=1e-5)
+        for key in ("image_s1", "image_s2"):
+            assert views[key].shape == image.shape
+            far = ~boundary(label, width=7)
+            grey = views[key].mean(0)
+            fg, bg = grey[far & (label[0] == 1)], grey[far & (label[0] == 0)]
+            if fg.numel() and bg.numel():
+                assert float(fg.min()) > float(bg.max())
+                checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.slow
+def test_short_training_on_real_glas(tmp_path, glas_dir):
+    data = tmp_path / "glas10"
+    assert prepare_main(["glas", "--source", str(glas_dir), "--output", str(data), "--split", "10"]) == 0
+    overrides = small_overrides(
+        tmp_path,
+        data,
+        max_epochs=1,
+        epoch_length=40,
+        val_interval=100,
+        batch_size=4,
+        patch_size=[96, 96],
+        zoom_range=[0.25, 0.35],
+        learning_rate=0.02,
+        prototype_warmup_iterations=10,
+    )
+    workflow = make_workflow(config_files(), **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert len(workflow.parser.get_parsed_content("train#dataset")) == 7
+    assert len(workflow.parser.get_parsed_content("train#unlabeled#dataset")) == 66
+    history = record_terms(trainer)
+    workflow.run()
+    assert len(history) == 40
+    for terms in history:
+        assert all(math.isfinite(v) for v in terms.values()), terms
+        assert {"loss_x", "loss_u", "loss_img", "loss_txt"} <= set(terms)
+    sup = [t["loss_x"] for t in history]
+    first, last = float(np.mean(sup[:10])), float(np.mean(sup[-10:]))
+    assert last < 0.85 * first, f"supervised loss did not fall: first 10 mean {first:.4f}, last 10 mean {last:.4f}"
