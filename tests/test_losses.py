@@ -220,7 +220,9 @@ def test_mpamatch_prototype_terms_warmup_and_gradients():
 
 def test_mpamatch_zero_weight_drops_module_and_validates():
     bank = ImagePrototypeBank(num_classes=2, embedding_dim=2)
-    loss = MPAMatchLoss(num_classes=2, image_prototypes=bank, prompt_learner=ConstantPrompts(), image_weight=0.0, text_weight=0.0)
+    loss = MPAMatchLoss(
+        num_classes=2, image_prototypes=bank, prompt_learner=ConstantPrompts(), image_weight=0.0, text_weight=0.0
+    )
     assert loss.image_prototypes is None and loss.prompt_learner is None and not loss.needs_embedding
     assert list(loss.state_dict()) == []
     with pytest.raises(BundleInputError, match="image prototype bank"):
@@ -230,8 +232,14 @@ def test_mpamatch_zero_weight_drops_module_and_validates():
 
 
 def test_confidence_threshold_warmup():
-    loss = MPAMatchLoss(num_classes=2, image_weight=0, text_weight=0, confidence_threshold=0.95,
-                        threshold_start=0.8, threshold_warmup_iterations=100)
+    loss = MPAMatchLoss(
+        num_classes=2,
+        image_weight=0,
+        text_weight=0,
+        confidence_threshold=0.95,
+        threshold_start=0.8,
+        threshold_warmup_iterations=100,
+    )
     assert loss.confidence_threshold(0) == pytest.approx(0.8)
     assert loss.confidence_threshold(50) == pytest.approx(0.875)
     assert loss.confidence_threshold(500) == pytest.approx(0.95)

@@ -110,7 +110,7 @@ def test_generation_is_deterministic(tmp_path, default_set):
     ]
     assert first_files == second_files
     # each image depends only on (seed, index): the small set starts with the default set's images
-    default_out, _ = default_set
+    default_out = default_set
     assert first_files["images/syn_001.png"] == (default_out / "images/syn_001.png").read_bytes()
     assert first_files["masks/syn_000.png"] == (default_out / "masks/syn_000.png").read_bytes()
 

@@ -81,7 +81,9 @@ def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
     assert trainer.semi_supervised
     events = {name: 0 for name in ("FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED")}
     for name in events:
-        trainer.add_event_handler(getattr(IterationEvents, name), lambda e, n=name: events.__setitem__(n, events[n] + 1))
+        trainer.add_event_handler(
+            getattr(IterationEvents, name), lambda e, n=name: events.__setitem__(n, events[n] + 1)
+        )
     history = record_terms(trainer)
     workflow.run()
     workflow.finalize()
@@ -108,8 +110,10 @@ def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
         checkpoint = torch.load(out / "checkpoints" / name, weights_only=True, map_location="cpu")
         assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "criterion", "trainer"}
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-    assert last["trainer"]["iteration"] == 6 and last["trainer"]["epoch"] == 2
-    assert {"image_prototypes.prototypes", "image_prototypes.initialized", "prompt_learner.ctx"} <= set(last["criterion"])
+    assert last["trainer"]["iteration"] == 6 and last["trainer"]["max_epochs"] == 2
+    assert {"image_prototypes.prototypes", "image_prototypes.initialized", "prompt_learner.ctx"} <= set(
+        last["criterion"]
+    )
     assert bool(last["criterion"]["image_prototypes.initialized"].all())
 
     fresh = make_workflow(config_files(), **small_overrides(tmp_path / "fresh", synthetic_dir))
@@ -134,7 +138,9 @@ def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
     ],
 )
 def test_ablation_presets(tmp_path, synthetic_dir, preset, semi, embedding, present, absent):
-    workflow = make_workflow(config_files(preset), **small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2))
+    workflow = make_workflow(
+        config_files(preset), **small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2)
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -166,7 +172,9 @@ def test_empty_unlabeled_pool_falls_back_to_supervised(tmp_path, synthetic_dir):
 
 
 def test_cutmix_from_a_separate_batch_and_adamw_preset(tmp_path, synthetic_dir):
-    overrides = small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2, cutmix_source="batch", cutmix_prob=1.0)
+    overrides = small_overrides(
+        tmp_path, synthetic_dir, max_epochs=1, epoch_length=2, cutmix_source="batch", cutmix_prob=1.0
+    )
     workflow = make_workflow(config_files("adamw"), **overrides)
     workflow.initialize()
     assert type(workflow.parser.get_parsed_content("optimizer")).__name__ == "AdamW"
@@ -180,7 +188,9 @@ def test_uni_preset_builds_the_paper_setting():
     parser.read_config(config_files("uni"))
     parser["bundle_root"] = "/opt/bundle"
     assert parser.get_parsed_content("encoder") == "uni"
-    assert parser.get_parsed_content("encoder_kwargs") == {"checkpoint_path": "/opt/bundle/models/uni/pytorch_model.bin"}
+    assert parser.get_parsed_content("encoder_kwargs") == {
+        "checkpoint_path": "/opt/bundle/models/uni/pytorch_model.bin"
+    }
     assert parser.get_parsed_content("patch_size") == [256, 256]
     assert parser.get_parsed_content("encoder_lr_scale") == 0.1
 

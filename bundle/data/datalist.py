@@ -64,16 +64,25 @@ def _read_datalist(dataset_dir: str) -> tuple[str, dict[str, Any]]:
 
 
 def load_datalist(
-    dataset_dir: str | os.PathLike, key: str, *, allow_empty: bool = False, check_files: bool = True
+    dataset_dir: str | os.PathLike,
+    key: str,
+    *,
+    allow_empty: bool = False,
+    check_files: bool = True,
+    missing_ok: bool = False,
 ) -> list[dict[str, Any]]:
     """Return the list ``key`` of ``dataset_dir/datalist.json`` with its paths made absolute.
 
     The values of :data:`PATH_KEYS` are resolved against ``dataset_dir`` (absolute paths are kept) and returned as
     absolute ``str`` paths; other keys are copied unchanged. Items of :data:`LABELLED_KEYS` must have a ``label``.
-    With ``allow_empty`` a missing or empty list gives ``[]``; with ``check_files`` every referenced file must exist.
+    With ``allow_empty`` a missing or empty list gives ``[]``; with ``check_files`` every referenced file must exist;
+    with ``missing_ok`` a folder without a datalist gives ``[]`` (an optional pool such as ``unlabeled``).
     Raises :class:`BundleInputError` with a one-line message for every problem.
     """
     dataset_dir = _absolute(dataset_dir)
+    if missing_ok and not os.path.isfile(os.path.join(dataset_dir, DATALIST_FILENAME)):
+        logger.info("no %s in %s: the %r list is empty", DATALIST_FILENAME, dataset_dir, key)
+        return []
     datalist_path, content = _read_datalist(dataset_dir)
     if key not in content:
         if allow_empty:

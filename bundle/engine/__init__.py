@@ -5,5 +5,10 @@ from .handlers import LogFileHandler, TrainingProgressBar
 from .optim import optimizer_param_groups
 from .trainer import SemiSupervisedTrainer
 
-__all__ = ["LogFileHandler", "SemiSupervisedTrainer",
-    "TrainingCheckpointSaver", "TrainingProgressBar", "optimizer_param_groups"]
+__all__ = [
+    "LogFileHandler",
+    "SemiSupervisedTrainer",
+    "TrainingCheckpointSaver",
+    "TrainingProgressBar",
+    "optimizer_param_groups",
+]

@@ -51,7 +51,9 @@ def frozen_norm_statistics(network: torch.nn.Module, frozen: bool = True) -> Ite
     real images that running averages fed by them break the evaluation-mode network.
     """
     layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers]
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers
+    ]
     for m in layers:
         m.momentum = 0.0
     try:

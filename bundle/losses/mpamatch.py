@@ -97,7 +97,9 @@ class MPAMatchLoss(nn.Module):
     ) -> None:
         super().__init__()
         if len(consistency_weights) != 3:
-            raise BundleInputError(f"consistency_weights needs 3 values (strong 1, strong 2, FP), got {consistency_weights}")
+            raise BundleInputError(
+                f"consistency_weights needs 3 values (strong 1, strong 2, FP), got {consistency_weights}"
+            )
         if (image_weight > 0 or align_weight > 0) and image_prototypes is None:
             raise BundleInputError("image_weight/align_weight > 0 needs an image prototype bank (image_prototypes)")
         if (text_weight > 0 or align_weight > 0) and prompt_learner is None:
@@ -105,7 +107,9 @@ class MPAMatchLoss(nn.Module):
         if not 0.0 <= confidence_threshold <= 1.0:
             raise BundleInputError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
         self.num_classes = int(num_classes)
-        self.supervised_loss = supervised_loss if supervised_loss is not None else SupervisedLoss(ignore_index=ignore_index)
+        self.supervised_loss = (
+            supervised_loss if supervised_loss is not None else SupervisedLoss(ignore_index=ignore_index)
+        )
         self.consistency_loss = consistency_loss if consistency_loss is not None else ConsistencyLoss()
         self.consistency_weights = tuple(float(w) for w in consistency_weights)
         self.threshold = float(confidence_threshold)

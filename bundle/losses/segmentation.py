@@ -29,7 +29,9 @@ class _MaskedDice(nn.Module):
 
     def __init__(self, batch: bool = True, smooth: float = 1e-5) -> None:
         super().__init__()
-        self.dice = MaskedDiceLoss(include_background=True, softmax=True, batch=batch, smooth_nr=smooth, smooth_dr=smooth)
+        self.dice = MaskedDiceLoss(
+            include_background=True, softmax=True, batch=batch, smooth_nr=smooth, smooth_dr=smooth
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1]

@@ -48,8 +48,7 @@ class HybridEncoder(TransUNetEncoder):
             raise BundleInputError(f"encoder option embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         widths = (in_channels,) + stem_channels
         self.stem = nn.ModuleList(
-            ResidualUnit(2, widths[i], widths[i + 1], strides=2, subunits=2, act="RELU", norm="BATCH")
-            for i in range(3)
+            ResidualUnit(2, widths[i], widths[i + 1], strides=2, subunits=2, act="RELU", norm="BATCH") for i in range(3)
         )
         self.patch_embed = nn.Conv2d(stem_channels[-1], embed_dim, kernel_size=2, stride=2)
         self.grid_size = (img_size // self.patch_size, img_size // self.patch_size)
