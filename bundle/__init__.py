@@ -2,8 +2,9 @@
 
 Sub-packages are imported lazily so that ``import bundle`` stays cheap for configs that need only one part:
 ``bundle.data`` (datalists, transforms, dataset preparation), ``bundle.networks`` (TransUNet and encoders),
-``bundle.text`` (text encoders and the prompt learner), ``bundle.losses`` (losses and the image prototype bank)
-and ``bundle.engine`` (the semi-supervised trainer and handlers).
+``bundle.text`` (text encoders and the prompt learner), ``bundle.losses`` (losses and the image prototype bank),
+``bundle.engine`` (the semi-supervised trainer and handlers), ``bundle.evaluation`` (pixel and GlaS object metrics,
+the evaluation report) and ``bundle.inference`` (inputs, weight loading, writers, large images).
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import importlib
 from .errors import BundleInputError, install_excepthook
 
 __version__ = "0.1.0"
-__all__ = ["BundleInputError", "__version__", "data", "engine", "losses", "networks", "text"]
+__all__ = [
+    "BundleInputError",
+    "__version__",
+    "data",
+    "engine",
+    "evaluation",
+    "inference",
+    "losses",
+    "networks",
+    "text",
+]
 
-_SUBPACKAGES = {"data", "engine", "losses", "networks", "text"}
+_SUBPACKAGES = {"data", "engine", "evaluation", "inference", "losses", "networks", "text"}
 
 install_excepthook()
 

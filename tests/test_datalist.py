@@ -285,3 +285,12 @@ def test_default_location_that_is_a_file(tmp_path):
     with pytest.raises(BundleInputError) as error:
         ensure_dataset(target, target)
     assert str(error.value) == f"default dataset folder {target} exists but is not a folder"
+
+
+def test_require_label_can_be_relaxed_for_inference_lists(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    _write(tmp_path, {"test": [{"image": "a.png"}]})
+    with pytest.raises(BundleInputError, match="has no 'label' path"):
+        load_datalist(tmp_path, "test")
+    assert load_datalist(tmp_path, "test", require_label=False) == [{"image": str(image)}]

@@ -293,6 +293,21 @@ def test_tiff_reader_contract_and_layouts(tmp_path):
     assert meta["spatial_shape"].tolist() == [H, W] and meta["mode"] == "I;16"
 
 
+def test_palette_tiff_is_read_through_its_colour_map(tmp_path):
+    indices = (np.arange(H * W) % 3).astype(np.uint8).reshape(H, W)
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, 1] = (65535, 0, 0)  # index 1 -> red
+    colormap[:, 2] = (0, 0, 65535)  # index 2 -> blue
+    path = tmp_path / "palette.tif"
+    tifffile.imwrite(path, indices, photometric="palette", colormap=colormap)
+    reader = TiffReader(rgb=True)
+    array, _ = reader.get_data(reader.read(str(path)))
+    assert array.shape == (H, W, 3) and array.dtype == np.uint8
+    assert np.array_equal(array[indices == 1], np.tile([255, 0, 0], ((indices == 1).sum(), 1)))
+    assert np.array_equal(array[indices == 2], np.tile([0, 0, 255], ((indices == 2).sum(), 1)))
+    assert not array[indices == 0].any()
+
+
 def test_reader_read_never_fails_so_load_image_cannot_fall_back(tmp_path):
     reader = ImageFileReader(rgb=True)
     pending = reader.read(str(tmp_path / "anything.xyz"))  # decoding (and failing) happens in get_data

@@ -70,13 +70,15 @@ def load_datalist(
     allow_empty: bool = False,
     check_files: bool = True,
     missing_ok: bool = False,
+    require_label: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Return the list ``key`` of ``dataset_dir/datalist.json`` with its paths made absolute.
 
     The values of :data:`PATH_KEYS` are resolved against ``dataset_dir`` (absolute paths are kept) and returned as
     absolute ``str`` paths; other keys are copied unchanged. Items of :data:`LABELLED_KEYS` must have a ``label``.
     With ``allow_empty`` a missing or empty list gives ``[]``; with ``check_files`` every referenced file must exist;
-    with ``missing_ok`` a folder without a datalist gives ``[]`` (an optional pool such as ``unlabeled``).
+    with ``missing_ok`` a folder without a datalist gives ``[]`` (an optional pool such as ``unlabeled``);
+    ``require_label`` overrides whether items need a ``label`` (default: the lists of :data:`LABELLED_KEYS`).
     Raises :class:`BundleInputError` with a one-line message for every problem.
     """
     dataset_dir = _absolute(dataset_dir)
@@ -95,7 +97,9 @@ def load_datalist(
     if not items and not allow_empty:
         raise BundleInputError(f"the {key!r} list in {datalist_path} is empty")
 
-    required = ("image", "label") if key in LABELLED_KEYS else ("image",)
+    if require_label is None:
+        require_label = key in LABELLED_KEYS
+    required = ("image", "label") if require_label else ("image",)
     resolved_items = []
     for index, item in enumerate(items):
         where = f"item {index} of {key!r} in {datalist_path}"

@@ -218,7 +218,7 @@ class TiffReader(ImageReader):
         if photometric_name in ("SEPARATED", "CIELAB", "ICCLAB", "ITULAB"):
             raise BundleInputError(f"TIFF {name} uses the {photometric_name} colour space; save it as RGB or grayscale")
         if self.rgb:
-            array = self._as_rgb(array, photometric_name, colormap)
+            array = self.as_rgb(array, photometric_name, colormap)
             mode = "RGB"
         else:
             array = self._as_label(array, name)
@@ -235,9 +235,10 @@ class TiffReader(ImageReader):
         return array, meta
 
     @staticmethod
-    def _as_rgb(array: np.ndarray, photometric: str, colormap: np.ndarray | None) -> np.ndarray:
+    def as_rgb(array: np.ndarray, photometric: str, colormap: np.ndarray | None) -> np.ndarray:
+        """A decoded TIFF array (H, W[, S]) with its photometric name and colour map -> (H, W, 3) uint8 RGB."""
         if photometric == "PALETTE" and colormap is not None and array.ndim == 2:
-            array = tifffile.apply_colormap(array, colormap, contig=True)  # (H, W, 3) uint16/uint8
+            array = np.moveaxis(np.asarray(colormap)[:, array], 0, -1)  # (3, 2**bits) map -> (H, W, 3)
         if photometric == "MINISWHITE" and array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
             array = np.iinfo(array.dtype).max - array
         array = _scale_to_uint8(array)

@@ -1,14 +1,26 @@
-"""Training engine components: the semi-supervised trainer, optimizer parameter groups and small handlers."""
+"""Training engine components: the semi-supervised trainer, checkpoints, optimizer parameter groups, handlers.
 
-from .checkpoint import TrainingCheckpointSaver
-from .handlers import LogFileHandler, TrainingProgressBar
-from .optim import optimizer_param_groups
-from .trainer import SemiSupervisedTrainer
+Modules load on first use, so that ``bundle.engine.handlers`` (used by the inference config) does not import the
+trainer and the losses.
+"""
 
-__all__ = [
-    "LogFileHandler",
-    "SemiSupervisedTrainer",
-    "TrainingCheckpointSaver",
-    "TrainingProgressBar",
-    "optimizer_param_groups",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LogFileHandler": "handlers",
+    "QuietStatsHandler": "handlers",
+    "TrainingProgressBar": "handlers",
+    "SemiSupervisedTrainer": "trainer",
+    "TrainingCheckpointSaver": "checkpoint",
+    "optimizer_param_groups": "optim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

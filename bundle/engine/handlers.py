@@ -1,4 +1,10 @@
-"""Small Ignite handlers the MONAI handler set lacks: a training progress bar and a log file next to the outputs."""
+"""Small Ignite handlers the MONAI handler set lacks: a quiet stats handler, a progress bar and a log file.
+
+:class:`QuietStatsHandler` is MONAI's ``StatsHandler`` except for one thing: a run ended by a
+:class:`~bundle.errors.BundleInputError` (an unreadable image, weights that do not fit) is not logged with its
+traceback - MONAI's handler logs every exception with ``logger.exception`` before re-raising it - so the user sees
+the bundle excepthook's single ``error: ...`` line. Every other exception is logged as MONAI does.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,20 @@ import os
 
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.handlers import StatsHandler
 
-__all__ = ["LogFileHandler", "TrainingProgressBar"]
+from bundle.errors import find_input_error
+
+__all__ = ["LogFileHandler", "QuietStatsHandler", "TrainingProgressBar"]
+
+
+class QuietStatsHandler(StatsHandler):
+    """``monai.handlers.StatsHandler`` that re-raises a ``BundleInputError`` without logging a traceback."""
+
+    def exception_raised(self, _engine: Engine, e: Exception) -> None:
+        if find_input_error(e) is not None:
+            raise e
+        super().exception_raised(_engine, e)
 
 
 class TrainingProgressBar:

@@ -1,0 +1,36 @@
+"""Inference components of ``configs/inference.json``: inputs, weight loading, writers, the tiled path for large images.
+
+- :mod:`.inputs`: ``inference_inputs`` (a folder, an image or a datalist -> ``[{"image": path}]``), ``filter_by_size``
+- :mod:`.checkpoint`: ``CheckpointWeightsLoader`` / ``load_network_weights`` (``models/model.pt`` into the network)
+- :mod:`.writers`: ``SaveSegmentationd`` (a ``SaveImaged`` writing masks/probabilities with the input's size)
+- :mod:`.regions`: windows of an image (a TIFF is decoded tile by tile)
+- :mod:`.large_images`: ``LargeImageSegmenter`` (block-wise sliding-window inference, tiled TIFF output)
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CheckpointWeightsLoader, load_network_weights, network_state_dict
+from .inputs import IMAGE_SUFFIXES, filter_by_size, image_size, inference_inputs, is_tiff
+from .large_images import LargeImageSegmenter
+from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
+from .writers import OutputFolderLayout, SaveSegmentationd, SegmentationWriter, TiledTiffWriter, write_map
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ArrayRegionReader",
+    "CheckpointWeightsLoader",
+    "LargeImageSegmenter",
+    "OutputFolderLayout",
+    "SaveSegmentationd",
+    "SegmentationWriter",
+    "TiffRegionReader",
+    "TiledTiffWriter",
+    "filter_by_size",
+    "image_size",
+    "inference_inputs",
+    "is_tiff",
+    "load_network_weights",
+    "network_state_dict",
+    "open_region_reader",
+    "write_map",
+]

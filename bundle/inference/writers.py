@@ -1,0 +1,357 @@
+"""Writing masks and probability maps with exactly the input's height x width, in natural (row, column) order.
+
+MONAI's ``SaveImaged`` is kept as the entry point (MONAI Label drops every ``SaveImaged`` from a bundle's
+postprocessing, and so drops these writers too), but with two parts of its own:
+
+- :class:`SegmentationWriter`, a MONAI ``ImageWriter``: MONAI's ``PILWriter`` swaps rows and columns by default
+  (``reverse_indexing=True``: it expects PILReader's (W, H) arrays, while the bundle reads (H, W)), resamples when the
+  metadata asks for it and cannot write float or multi-channel TIFF. This writer never resamples: it checks that
+  the map has the input's (H, W) and writes PNG through Pillow, TIFF through tifffile (zlib-compressed).
+- :class:`OutputFolderLayout`: ``<output_dir>/[<sub-folder>/]<stem>_<postfix><ext>``; without a fixed extension a
+  TIFF input gets a ``.tif`` output and every other input a ``.png``.
+
+:class:`TiledTiffWriter` writes a large map band by band as a tiled TIFF, so that neither the map nor the image is
+ever held whole in memory (see :mod:`bundle.inference.large_images`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tifffile
+from monai.data import FolderLayout, ImageWriter, create_file_basename
+from monai.transforms import SaveImaged
+from monai.utils import convert_data_type
+from PIL import Image
+
+from ..errors import BundleInputError
+from .inputs import is_tiff
+
+__all__ = [
+    "MASK_EXTENSIONS",
+    "OutputFolderLayout",
+    "SaveSegmentationd",
+    "SegmentationWriter",
+    "TiledTiffWriter",
+    "check_output_ext",
+    "to_output_dtype",
+    "write_map",
+]
+
+MASK_EXTENSIONS = (".png", ".tif", ".tiff")
+TIFF_COMPRESSION = "zlib"
+logger = logging.getLogger(__name__)
+
+
+def check_output_ext(output_ext: str | None) -> str | None:
+    """Normalise ``output_ext`` (``None``/``""``: chosen per input) or raise :class:`BundleInputError`."""
+    if output_ext is None or output_ext == "":
+        return None
+    ext = output_ext.lower() if output_ext.startswith(".") else f".{output_ext.lower()}"
+    if ext not in MASK_EXTENSIONS:
+        raise BundleInputError(
+            f"output_ext must be one of {', '.join(MASK_EXTENSIONS)} or null (PNG, TIFF for TIFF inputs), "
+            f"got {output_ext!r}"
+        )
+    return ext
+
+
+def to_output_dtype(values: np.ndarray, dtype: np.dtype | str, scale: float | None = None) -> np.ndarray:
+    """``values * scale`` as ``dtype``: integer types are rounded and clipped to their range, floats cast."""
+    dtype = np.dtype(dtype)
+    if scale is not None and scale != 1:
+        values = values * scale
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def write_map(path: str, array: np.ndarray) -> None:
+    """Write an (H, W) or (H, W, C) map: ``.png`` through Pillow (8/16-bit single channel), TIFF through tifffile."""
+    try:
+        if is_tiff(path):
+            planarconfig = "contig" if array.ndim == 3 else None
+            tifffile.imwrite(
+                path,
+                array,
+                photometric="minisblack",
+                planarconfig=planarconfig,
+                compression=TIFF_COMPRESSION,
+                metadata=None,
+            )
+            return
+        if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+            raise BundleInputError(
+                f"cannot write {path}: PNG holds single-channel 8/16-bit maps, not {array.dtype} with shape "
+                f"{array.shape}; use a .tif output"
+            )
+        Image.fromarray(array).save(path)
+    except BundleInputError:
+        raise
+    except OSError as err:
+        raise BundleInputError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+class SegmentationWriter(ImageWriter):
+    """A MONAI ``ImageWriter`` for 2D maps ``[C, H, W]`` in (row, column) order: no resampling, no axis swap.
+
+    Args (given by ``SaveImage`` as ``init_kwargs``):
+        output_dtype: dtype of the file (integer maps are rounded and clipped).
+        scale: multiply the values before the cast (e.g. 255 for a 0/255 binary mask).
+        channels: indices of the channels to write (``None``: all); one channel gives an (H, W) file.
+
+    ``set_metadata`` checks that the map's (H, W) equals the input's ``spatial_shape``; ``write`` picks Pillow for
+    ``.png`` and tifffile for ``.tif``/``.tiff``.
+    """
+
+    def __init__(
+        self,
+        output_dtype: np.dtype | str | None = np.uint8,
+        scale: float | None = None,
+        channels: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(output_dtype=output_dtype, scale=scale, channels=channels, **kwargs)
+
+    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
+        array = convert_data_type(data_array, np.ndarray)[0]
+        array = array[None] if channel_dim is None else np.moveaxis(array, channel_dim, 0)
+        if array.ndim != 3:
+            raise ValueError(f"{type(self).__name__} writes 2D maps [C, H, W], got shape {tuple(array.shape)}")
+        if self.channels is not None:
+            array = array[list(self.channels)]
+        array = np.moveaxis(array, 0, -1)
+        if squeeze_end_dims and array.shape[-1] == 1:
+            array = array[..., 0]
+        self.data_obj = array
+
+    def set_metadata(self, meta_dict: dict | None = None, **options) -> None:
+        shape = meta_dict.get("spatial_shape") if meta_dict else None
+        if shape is None:
+            return
+        expected = tuple(int(size) for size in np.asarray(shape).ravel()[-2:])
+        if expected != tuple(self.data_obj.shape[:2]):
+            name = meta_dict.get("filename_or_obj", "the input")
+            raise ValueError(f"map of shape {self.data_obj.shape[:2]} does not match {name} of size {expected}")
+
+    def write(self, filename: str, verbose: bool = False, **kwargs) -> None:
+        super().write(filename, verbose=verbose)
+        array = self.data_obj
+        if self.output_dtype is not None:
+            array = to_output_dtype(array, self.output_dtype, self.scale)
+        write_map(os.fspath(filename), array)
+
+
+class OutputFolderLayout(FolderLayout):
+    """``<output_dir>/[<path relative to data_root_dir>/]<stem>_<postfix><ext>`` for an input image path.
+
+    ``extension`` None chooses per input: ``.tif`` for TIFF inputs, ``.png`` otherwise.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        postfix: str,
+        extension: str | None = None,
+        data_root_dir: str | os.PathLike = "",
+        makedirs: bool = True,
+    ) -> None:
+        super().__init__(output_dir, postfix, check_output_ext(extension) or "", False, makedirs, data_root_dir)
+
+    def extension_for(self, subject: str) -> str:
+        return self.ext or (".tif" if is_tiff(subject) else ".png")
+
+    def filename(self, subject: str | os.PathLike = "subject", idx=None, **kwargs) -> str:
+        subject = os.fspath(subject)
+        output_dir = os.fspath(self.output_dir)
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise BundleInputError(f"output folder {output_dir} exists but is not a folder")
+        try:
+            base = create_file_basename(
+                self.postfix, subject, output_dir, self.data_root_dir, False, idx, self.makedirs
+            )
+        except OSError as err:
+            raise BundleInputError(f"cannot create the output folder {output_dir}: {err.strerror or err}") from err
+        for key, value in kwargs.items():
+            base += f"_{key}-{value}"
+        return base + self.extension_for(subject)
+
+
+class SaveSegmentationd(SaveImaged):
+    """``SaveImaged`` writing ``keys`` as ``<output_dir>/<stem>_<output_postfix><ext>`` with the input's (H, W).
+
+    Args:
+        keys: the maps to write (``[C, H, W]`` MetaTensors carrying the input's metadata).
+        output_dir: output folder (created when the first file is written).
+        output_postfix: ``mask``, ``prob``, ...
+        output_ext: ``.png``, ``.tif``, ``.tiff`` or None (``.tif`` for TIFF inputs, ``.png`` otherwise).
+        output_dtype: file dtype (``uint8`` for masks, ``float32``/``float16`` for probabilities).
+        scale: multiply the values before the cast (255 writes a binary mask as 0/255).
+        channels: channels to write (``None``: all; ``[1]``: the foreground probability of a binary model).
+        data_root_dir: keep the inputs' sub-folders below this folder in ``output_dir``.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        output_dir: str | os.PathLike,
+        output_postfix: str = "mask",
+        output_ext: str | None = None,
+        output_dtype: str | np.dtype = "uint8",
+        scale: float | None = None,
+        channels: Sequence[int] | None = None,
+        data_root_dir: str | os.PathLike = "",
+        print_log: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        layout = OutputFolderLayout(output_dir, output_postfix, output_ext, data_root_dir)
+        dtype = np.dtype(output_dtype)
+        if not np.issubdtype(dtype, np.number):
+            raise BundleInputError(f"output dtype must be numeric, got {output_dtype!r}")
+        super().__init__(
+            keys=keys,
+            output_dir=output_dir,
+            output_postfix=output_postfix,
+            output_ext=layout.ext or ".tif",
+            resample=False,
+            scale=scale,
+            output_dtype=dtype,
+            squeeze_end_dims=True,
+            separate_folder=False,
+            print_log=print_log,
+            writer=SegmentationWriter,
+            folder_layout=layout,
+            allow_missing_keys=allow_missing_keys,
+        )
+        self.saver.set_options(init_kwargs={"output_dtype": dtype, "channels": channels})
+        self.layout = layout
+
+
+class TiledTiffWriter:
+    """Write an (H, W[, C]) map as a tiled, zlib-compressed TIFF from horizontal bands, never holding it whole.
+
+    ``tifffile.imwrite`` consumes the tiles from a generator in a background thread; :meth:`write_band` cuts each
+    band (a multiple of ``tile`` rows, except the last) into tiles and queues them in row-major order. At most
+    ``max_queued`` tiles wait in memory. Use as a context manager: a failure removes the partial file.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        height: int,
+        width: int,
+        dtype: np.dtype | str,
+        channels: int = 1,
+        tile: int = 256,
+        max_queued: int = 64,
+    ) -> None:
+        self.path = path
+        self.height, self.width, self.channels, self.tile = height, width, channels, tile
+        self.dtype = np.dtype(dtype)
+        self.rows_written = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._error: BaseException | None = None
+        self._done = object()
+        self._thread = threading.Thread(target=self._write, name=f"tiff-writer {os.path.basename(path)}", daemon=True)
+        self._thread.start()
+
+    def _tiles(self):
+        while True:
+            tile = self._queue.get()
+            if tile is self._done:
+                return
+            yield tile
+
+    def _write(self) -> None:
+        shape = (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+        try:
+            tifffile.imwrite(
+                self.path,
+                data=self._tiles(),
+                shape=shape,
+                dtype=self.dtype,
+                tile=(self.tile, self.tile),
+                photometric="minisblack",
+                planarconfig="contig" if self.channels > 1 else None,
+                compression=TIFF_COMPRESSION,
+                metadata=None,
+            )
+        except Exception as err:  # reported to the caller by _put/close
+            self._error = err
+
+    def _put(self, item: Any) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, OSError):
+                raise BundleInputError(f"cannot write {self.path}: {err.strerror or err}") from err
+            raise RuntimeError(f"writing {self.path} failed: {err}") from err
+
+    def write_band(self, band: np.ndarray) -> None:
+        """Queue the next ``band.shape[0]`` rows (full width); bands must be multiples of ``tile`` rows but the last."""
+        rows = band.shape[0]
+        if band.shape[1] != self.width or self.rows_written + rows > self.height:
+            raise ValueError(f"band {band.shape} does not fit {self.path} ({self.height}x{self.width})")
+        if rows % self.tile and self.rows_written + rows != self.height:
+            raise ValueError(f"bands must be multiples of {self.tile} rows except the last, got {rows}")
+        band = band.astype(self.dtype, copy=False)
+        tile_shape = (self.tile, self.tile) + band.shape[2:]
+        for top in range(0, rows, self.tile):
+            for left in range(0, self.width, self.tile):
+                piece = band[top : top + self.tile, left : left + self.tile]
+                if piece.shape != tile_shape:
+                    padded = np.zeros(tile_shape, self.dtype)
+                    padded[: piece.shape[0], : piece.shape[1]] = piece
+                    piece = padded
+                self._put(np.ascontiguousarray(piece))
+        self.rows_written += rows
+
+    def close(self) -> None:
+        """Finish the file (all rows must have been written) and wait for the writer thread."""
+        if self.rows_written != self.height:
+            self.abort()
+            raise RuntimeError(f"{self.path}: only {self.rows_written} of {self.height} rows were written")
+        try:
+            if self._thread.is_alive():
+                self._put(self._done)
+            self._thread.join()
+            self._raise_if_failed()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop the writer thread and remove the partial file."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(self._done, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    def __enter__(self) -> TiledTiffWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
