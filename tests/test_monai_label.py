@@ -280,16 +280,17 @@ def test_infer_task_on_a_real_glas_image(bundle_copy, glas_dir):
 
 
 def test_infer_task_needs_nothing_but_the_bundle_path(bundle_copy, glas_dir, tmp_path):
-    """A fresh interpreter, another working directory, no PYTHONPATH, no ``initialize``: only MONAI Label's
-    ``sys.path.insert(0, bundle_path)`` makes the bundle's components importable."""
+    """A fresh interpreter, another working directory, no PYTHONPATH, no ``initialize``: MONAI Label's
+    ``sys.path.insert(0, bundle_path)`` alone decides where the bundle's components come from (the copy, even when
+    the package is also pip-installed in the environment, as it is in CI)."""
     script = f"""
 import importlib.util, json, sys
-assert importlib.util.find_spec("bundle") is None, "bundle must not be importable before MONAI Label's insertion"
 spec = importlib.util.spec_from_file_location("monailabel_mirror", {__file__!r})
 mirror = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mirror)
 result = mirror.monailabel_infer({str(bundle_copy)!r}, {str(glas_dir / "images" / "testB_3.png")!r})
-print(json.dumps({{"shape": list(result["pred"].shape), "resized": result["resized"]}}))
+print(json.dumps({{"shape": list(result["pred"].shape), "resized": result["resized"],
+                  "bundle_file": sys.modules["bundle"].__file__}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
@@ -297,7 +298,12 @@ print(json.dumps({{"shape": list(result["pred"].shape), "resized": result["resiz
     )
     assert done.returncode == 0, done.stderr[-3000:]
     width, height = Image.open(glas_dir / "images" / "testB_3.png").size
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shape": [1, height, width], "resized": False}
+    reported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"shape": reported["shape"], "resized": reported["resized"]} == {
+        "shape": [1, height, width],
+        "resized": False,
+    }
+    assert Path(reported["bundle_file"]).is_relative_to(bundle_copy)  # the copy (it links to these sources)
 
 
 # ---------------------------------------------------------------------------------------------------------------
