@@ -1,28 +1,43 @@
 """Command line that turns a downloaded dataset into a datalist the bundle can train on.
 
     python -m bundle.prepare glas --source SRC --output OUT --split {10,20,100} [--force]
+    python -m bundle.prepare ebhi-gland --source SRC --output OUT --labelled-percent 10 [--seed 0]
+    python -m bundle.prepare ebhi-cancer --source SRC --output OUT --labelled-percent 10 [--seed 0]
+    python -m bundle.prepare kpi --source SRC --output OUT --labelled-percent 10 [--tile-size 512]
+    python -m bundle.prepare monuseg --source SRC [--test-source TEST] --output OUT --labelled-percent 10
+    python -m bundle.prepare folders --images DIR --masks DIR [--mask-suffix _mask] --output OUT
 
-Each dataset is one sub-command (more can be added to ``_DATASETS``). The source folder is only read; the command
-writes ``OUT/datalist.json`` (absolute paths into the source) and prints one summary line per list. Problems with
-the input are reported as one ``error: ...`` line with exit status 2.
+Each dataset is one sub-command (registered in ``_DATASETS``); ``docs/datasets.md`` describes each layout and
+split. Sources are only read; the command writes ``OUT/datalist.json`` (absolute paths), plus tiles or masks under
+``OUT`` for KPI and MoNuSeg, and prints one summary line per list. Notices (grayscale or RGBA images, the training
+override a dataset needs) are printed as ``notice: ...`` lines on stderr. Problems with the input are reported as
+one ``error: ...`` line with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bundle.data.checks import MASK_KINDS
 from bundle.data.datalist import DATALIST_FILENAME
+from bundle.data.ebhi import EBHI_TASKS, prepare_ebhi
+from bundle.data.folders import prepare_folders
 from bundle.data.glas import GLAS_SPLITS, prepare_glas
+from bundle.data.kpi import prepare_kpi
+from bundle.data.monuseg import prepare_monuseg
 from bundle.errors import BundleInputError
 
 __all__ = ["build_parser", "main", "summarize_datalist"]
 
 _LISTS = ("training", "validation", "unlabeled", "test")
+# the preparers log their notices (grayscale/RGBA images, training overrides) as warnings below this logger
+_NOTICE_LOGGER = "bundle.data"
 
 
 def summarize_datalist(datalist: dict[str, Any]) -> list[str]:
@@ -62,8 +77,184 @@ def _run_glas(args: argparse.Namespace) -> dict[str, Any]:
     return prepare_glas(args.source, args.output, args.split, force=args.force)
 
 
+def _add_common(
+    parser: argparse.ArgumentParser,
+    *,
+    labelled_required: bool = True,
+    test_fraction: float | None = 0.2,
+    test_fraction_help: str = "",
+) -> None:
+    """--output, --labelled-percent, --val-fraction, --test-fraction, --seed and --force."""
+    parser.add_argument("--output", required=True, help=f"folder to write {DATALIST_FILENAME} to (created if needed)")
+    parser.add_argument(
+        "--labelled-percent",
+        type=float,
+        required=labelled_required,
+        default=None if labelled_required else 100.0,
+        metavar="P",
+        help="percentage of the training images with a mask that are labelled (e.g. 10, 20)"
+        + ("" if labelled_required else "; default 100"),
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, metavar="F", help="fraction of images for validation (0.1)"
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=test_fraction,
+        metavar="F",
+        help=test_fraction_help or "fraction of images for test (0.2)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (0); the same seed gives the same split")
+    parser.add_argument("--force", action="store_true", help=f"overwrite an existing {DATALIST_FILENAME}")
+
+
+def _add_ebhi(subparsers: argparse._SubParsersAction, task: str) -> None:
+    classes = ", ".join(EBHI_TASKS[task].classes)
+    parser = subparsers.add_parser(
+        f"ebhi-{task}",
+        help=f"EBHI-Seg {task} segmentation ({classes})",
+        description=f"Write the datalist of the EBHI-Seg {task} task (classes {classes}): seeded per-class "
+        "validation, test and labelled splits; items carry the class as 'part'. Labels are binarised at load time: "
+        "train with --mask_mode threshold.",
+    )
+    parser.add_argument(
+        "--source", required=True, help="EBHI-Seg folder holding <class>/image/*.png and <class>/label/*.png"
+    )
+    _add_common(parser)
+    parser.set_defaults(run=_run_ebhi, task=task)
+
+
+def _run_ebhi(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare_ebhi(
+        args.source,
+        args.output,
+        args.task,
+        labelled_percent=args.labelled_percent,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        force=args.force,
+    )
+
+
+def _add_kpi(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "kpi",
+        help="KPIs 2024 glomerulus segmentation (patch level)",
+        description="Tile the KPIs 2024 training patches (with binarised masks) into OUT/tiles, binarise the "
+        "validation and test masks into OUT/masks, and write the datalist; items carry the disease as 'part'.",
+    )
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="folder holding train/ (and validation/, test/) with <disease>/<slide>/img/*_img.jpg and mask/*_mask.jpg",
+    )
+    parser.add_argument("--tile-size", type=int, default=512, help="side of the training tiles in pixels (512)")
+    _add_common(
+        parser,
+        test_fraction=0.2,
+        test_fraction_help="without a test/ folder: fraction of the training slides for test (0.2); "
+        "--val-fraction likewise without a validation/ folder",
+    )
+    parser.set_defaults(run=_run_kpi)
+
+
+def _run_kpi(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare_kpi(
+        args.source,
+        args.output,
+        labelled_percent=args.labelled_percent,
+        tile_size=args.tile_size,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        force=args.force,
+    )
+
+
+def _add_monuseg(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "monuseg",
+        help="MoNuSeg-style nuclei: TIFF images with Aperio XML polygons (or mask files)",
+        description="Rasterise the Aperio XML polygons into instance and binary masks under OUT/masks and write "
+        "the datalist ('label' = binary mask, 'instance_label' = instance mask).",
+    )
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="folder with Tissue Images/*.tif and Annotations/*.xml, or *.tif with *.xml, or *.tif with Masks/*.png",
+    )
+    parser.add_argument("--test-source", help="a second such folder used as the test list (e.g. MoNuSegTestData)")
+    _add_common(
+        parser,
+        test_fraction=None,
+        test_fraction_help="fraction of the images for test when there is no --test-source (0.2)",
+    )
+    parser.set_defaults(run=_run_monuseg)
+
+
+def _run_monuseg(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare_monuseg(
+        args.source,
+        args.output,
+        labelled_percent=args.labelled_percent,
+        test_source=args.test_source,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        force=args.force,
+    )
+
+
+def _add_folders(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "folders",
+        help="any images folder with a masks folder, matched by name",
+        description="Match images and masks by name (optionally with a mask suffix); images without a mask are "
+        "unlabelled; seeded validation, test and labelled splits.",
+    )
+    parser.add_argument("--images", required=True, help="folder of images (png, jpg, jpeg, bmp, tif, tiff)")
+    parser.add_argument("--masks", required=True, help="folder of masks (may be --images when --mask-suffix is set)")
+    parser.add_argument(
+        "--mask-suffix", default="", help="the mask of <name>.png is <name><suffix>.png, e.g. _mask (default: none)"
+    )
+    parser.add_argument("--unlabeled", help="folder of further images without masks")
+    parser.add_argument(
+        "--mask-type",
+        choices=MASK_KINDS,
+        default="binary",
+        help="binary: 0/255 or 0/1 (default); instance: integer object ids; grey: 8-bit, foreground > 127",
+    )
+    _add_common(parser, labelled_required=False)
+    parser.set_defaults(run=_run_folders)
+
+
+def _run_folders(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare_folders(
+        args.images,
+        args.masks,
+        args.output,
+        mask_suffix=args.mask_suffix,
+        unlabeled=args.unlabeled,
+        mask_type=args.mask_type,
+        labelled_percent=args.labelled_percent,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        force=args.force,
+    )
+
+
 # sub-command name -> function that adds its parser; each parser sets `run` (args -> written datalist)
-_DATASETS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"glas": _add_glas}
+_DATASETS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "glas": _add_glas,
+    "ebhi-gland": lambda subparsers: _add_ebhi(subparsers, "gland"),
+    "ebhi-cancer": lambda subparsers: _add_ebhi(subparsers, "cancer"),
+    "kpi": _add_kpi,
+    "monuseg": _add_monuseg,
+    "folders": _add_folders,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,13 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return 0 on success, 2 on a problem with the input (printed as one ``error:`` line)."""
+    """Run the command line; return 0 on success, 2 on a problem with the input (printed as one ``error:`` line).
+
+    Notices of the preparers are printed as ``notice: ...`` lines on stderr.
+    """
     args = build_parser().parse_args(argv)
+    notices = logging.getLogger(_NOTICE_LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("notice: %(message)s"))
+    notices.addHandler(handler)
+    propagate, notices.propagate = notices.propagate, False
     try:
         datalist = args.run(args)
     except BundleInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        notices.removeHandler(handler)
+        notices.propagate = propagate
     print(f"wrote {os.path.join(os.path.abspath(os.path.expanduser(args.output)), DATALIST_FILENAME)}")
     for line in summarize_datalist(datalist):
         print(line)

@@ -357,8 +357,26 @@ def test_mask_to_class_reduces_equal_colour_channels_and_refuses_others():
         MaskToClassd("label")({"label": colour})
 
 
+def test_mask_to_class_threshold_mode_binarises_anti_aliased_edges():
+    grey = np.array([[0, 3, 127, 128], [200, 255, 90, 254]])
+    out = MaskToClassd("label", mode="threshold")({"label": _mask_tensor(grey)})["label"]
+    assert out.dtype == torch.int64 and out.meta["filename_or_obj"] == "/data/masks/a.png"
+    assert out[0].tolist() == [[0, 0, 0, 1], [1, 1, 0, 1]]
+    lower = MaskToClassd("label", mode="threshold", threshold=50)({"label": _mask_tensor(grey)})["label"]
+    assert lower[0].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    # the default mode is unchanged: every non-zero value is foreground
+    assert MaskToClassd("label")({"label": _mask_tensor(grey)})["label"][0].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+
+
 @pytest.mark.parametrize(
-    "options", [{"mode": "other"}, {"mode": "values"}, {"mode": "values", "class_values": [0, 0, 255]}]
+    "options",
+    [
+        {"mode": "other"},
+        {"mode": "values"},
+        {"mode": "values", "class_values": [0, 0, 255]},
+        {"mode": "threshold", "threshold": "127"},
+        {"mode": "threshold", "threshold": float("nan")},
+    ],
 )
 def test_mask_to_class_bad_options(options):
     with pytest.raises(BundleInputError):

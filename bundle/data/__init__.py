@@ -1,4 +1,5 @@
-"""Data handling: datalists (load, validate, embedded default), dataset preparation, readers, transforms, CutMix.
+"""Data handling: datalists (load, validate, embedded default), dataset preparation (GlaS, EBHI-Seg, KPI, MoNuSeg,
+generic folders; shared checks and splits), readers, transforms, CutMix.
 
 Only the datalist helpers are imported eagerly (no torch), so ``python -m bundle.prepare`` starts fast; the torch
 based modules ``readers``, ``transforms`` and ``cutmix`` load on first use.
@@ -13,17 +14,37 @@ from .datalist import DATALIST_FILENAME, PATH_KEYS, ensure_dataset, load_datalis
 __all__ = [
     "DATALIST_FILENAME",
     "PATH_KEYS",
+    "checks",
     "cutmix",
+    "ebhi",
     "ensure_dataset",
+    "folders",
     "glas",
+    "kpi",
     "load_datalist",
+    "monuseg",
+    "output",
     "readers",
+    "splits",
     "synthetic",
     "transforms",
     "write_datalist",
 ]
 
-_LAZY = {"cutmix", "glas", "readers", "synthetic", "transforms"}
+_LAZY = {
+    "checks",
+    "cutmix",
+    "ebhi",
+    "folders",
+    "glas",
+    "kpi",
+    "monuseg",
+    "output",
+    "readers",
+    "splits",
+    "synthetic",
+    "transforms",
+}
 
 
 def __getattr__(name: str):

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from bundle.data.datalist import DATALIST_FILENAME, write_datalist
+from bundle.data.checks import check_all, check_mask, files_by_stem, inspect_image
+from bundle.data.output import check_output, check_source, write_prepared
 from bundle.errors import BundleInputError
 
 __all__ = [
@@ -92,21 +89,9 @@ class GlasCase:
 
 def _files_by_stem(folder: str) -> dict[str, str]:
     """Map the stem of each GlaS image or mask file in ``folder`` to its path (one per stem); others are ignored."""
-    found: dict[str, str] = {}
-    try:
-        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-    except OSError:
-        return found
-    for entry in entries:
-        stem, extension = os.path.splitext(entry.name)
-        if extension.lower() not in _EXTENSIONS or not _NAME.match(stem.removesuffix(_INSTANCE_SUFFIX)):
-            continue
-        if not entry.is_file():
-            continue
-        if stem in found:
-            raise BundleInputError(f"two files for {stem} in {folder}: {found[stem]} and {entry.path}; keep only one")
-        found[stem] = os.path.abspath(entry.path)
-    return found
+    return files_by_stem(
+        folder, _EXTENSIONS, keep=lambda stem: bool(_NAME.match(stem.removesuffix(_INSTANCE_SUFFIX))), missing_ok=True
+    )
 
 
 def _cases_in(image_dir: str, mask_dir: str) -> list[GlasCase]:
@@ -152,10 +137,7 @@ def find_glas_cases(source: str | os.PathLike) -> tuple[str, list[GlasCase]]:
     The data may sit in ``source`` itself or in exactly one of its sub-folders (as in the official zip). Raises
     :class:`BundleInputError` when ``source`` is missing or holds no GlaS images.
     """
-    source = os.path.abspath(os.path.expanduser(os.fspath(source)))
-    if not os.path.isdir(source):
-        what = "is not a folder" if os.path.exists(source) else "does not exist"
-        raise BundleInputError(f"GlaS source {source} {what}")
+    source = check_source(source, "GlaS")
     cases = _cases_under(source)
     if cases:
         return source, cases
@@ -174,75 +156,11 @@ def find_glas_cases(source: str | os.PathLike) -> tuple[str, list[GlasCase]]:
     return next(iter(nested.items()))
 
 
-def _unreadable(what: str, path: str, error: Exception) -> BundleInputError:
-    reason = str(error) or type(error).__name__
-    return BundleInputError(f"{what} {path} cannot be read (corrupt, truncated or not an image: {reason})")
-
-
-def _inspect_image(path: str) -> tuple[str, tuple[int, int]]:
-    """Mode and size of an image file, after checking that the whole file is intact.
-
-    PNG files are verified chunk by chunk (every CRC up to the end marker, which catches truncation and corruption
-    without decompressing the pixels, about 20 times faster); other formats are decoded.
-    """
-    try:
-        with Image.open(path) as image:
-            mode, size = image.mode, image.size
-            if image.format == "PNG":
-                image.verify()
-            else:
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise _unreadable("image", path, error) from error
-    return mode, size
-
-
-def _load_mask(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as mask:
-            mask.load()
-            return mask
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise _unreadable("mask", path, error) from error
-
-
-def _describe_values(values: np.ndarray) -> str:
-    shown = ", ".join(str(int(value)) for value in values[:8])
-    return "{" + shown + (", ..." if len(values) > 8 else "") + "}"
-
-
-def _check_mask(mask: Image.Image, case: GlasCase, image_size: tuple[int, int]) -> None:
-    path = case.mask
-    if mask.size != image_size:
-        raise BundleInputError(
-            f"mask {path} has size {mask.size[0]}x{mask.size[1]} but its image {case.image} has size "
-            f"{image_size[0]}x{image_size[1]}"
-        )
-    if len(mask.getbands()) != 1:
-        raise BundleInputError(f"mask {path} has {mask.mode} pixels; expected a single-channel label image")
-    pixels = np.asarray(mask)
-    if pixels.dtype == np.uint8 or pixels.dtype == bool:
-        values = np.flatnonzero(np.bincount(pixels.reshape(-1).astype(np.uint8), minlength=256))
-    elif np.issubdtype(pixels.dtype, np.integer):
-        values = np.unique(pixels)
-    else:
-        raise BundleInputError(f"mask {path} has {pixels.dtype} pixels; expected integer labels")
-    if case.label_type == "binary":
-        if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
-            raise BundleInputError(
-                f"mask {path} has values {_describe_values(values)}; a binary mask may hold only 0 and 255 (or 0 and 1)"
-            )
-    elif values.size and values[0] < 0:
-        raise BundleInputError(
-            f"instance mask {path} has negative values {_describe_values(values[values < 0])}; expected gland ids >= 0"
-        )
-
-
 def _check_case(case: GlasCase, needs_mask: bool) -> None:
     """Raise :class:`BundleInputError` if the image (and, when needed, its mask) cannot be used."""
-    mode, size = _inspect_image(case.image)
-    if mode != "RGB":
-        raise BundleInputError(f"image {case.image} has {mode} pixels; expected an RGB image")
+    image = inspect_image(case.image)
+    if image.mode != "RGB":
+        raise BundleInputError(f"image {case.image} has {image.mode} pixels; expected an RGB image")
     if not needs_mask:
         return
     if case.mask is None:
@@ -253,17 +171,7 @@ def _check_case(case: GlasCase, needs_mask: bool) -> None:
         raise BundleInputError(
             f"no mask for image {case.image}: found no {looked_for} (with extension {'/'.join(_EXTENSIONS)})"
         )
-    _check_mask(_load_mask(case.mask), case, size)
-
-
-def _check_cases(checks: list[tuple[GlasCase, bool]]) -> None:
-    """Check all cases in parallel (decoding releases the GIL); the first problem in list order is raised."""
-    executor = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-    try:
-        for _ in executor.map(lambda check: _check_case(*check), checks):
-            pass
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)  # after a problem, the remaining checks are dropped
+    check_mask(case.mask, image, case.label_type, colour="refuse")
 
 
 def _item(case: GlasCase, labelled: bool) -> dict[str, Any]:
@@ -308,11 +216,12 @@ def build_glas_datalist(source: str | os.PathLike, split: int) -> dict[str, Any]
     unlabeled = ordered(set(train_names) - set(GLAS_VALIDATION_NAMES) - {case.name for case in training})
     test = [case for case in cases if case.part != "train"]
 
-    _check_cases(
+    checks = (
         [(case, True) for case in training + validation]
         + [(case, False) for case in unlabeled]
         + [(case, True) for case in test]
     )
+    check_all(lambda check: _check_case(*check), checks)
     return {
         "dataset": "glas",
         "split": split,
@@ -326,11 +235,6 @@ def build_glas_datalist(source: str | os.PathLike, split: int) -> dict[str, Any]
     }
 
 
-def _is_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
 def prepare_glas(
     source: str | os.PathLike, output: str | os.PathLike, split: int, *, force: bool = False
 ) -> dict[str, Any]:
@@ -339,22 +243,8 @@ def prepare_glas(
     Refuses to overwrite an existing datalist unless ``force``, and never overwrites a file inside ``source``.
     Returns the datalist that was written.
     """
-    source = os.path.abspath(os.path.expanduser(os.fspath(source)))
-    output = os.path.abspath(os.path.expanduser(os.fspath(output)))
-    target = os.path.join(output, DATALIST_FILENAME)
-    if not os.path.isdir(source):
-        what = "is not a folder" if os.path.exists(source) else "does not exist"
-        raise BundleInputError(f"GlaS source {source} {what}")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise BundleInputError(f"output {output} exists and is not a folder")
-    if os.path.isdir(target):
-        raise BundleInputError(f"{target} is a folder; cannot write the datalist there")
-    if os.path.exists(target):
-        if _is_inside(target, source):
-            raise BundleInputError(f"refusing to overwrite {target}: it is a file of the GlaS source {source}")
-        if not force:
-            raise BundleInputError(f"{target} already exists; pass --force to overwrite it")
+    source = check_source(source, "GlaS")
+    output = check_output([source], output, "GlaS", force=force)
     datalist = build_glas_datalist(source, split)
-    os.makedirs(output, exist_ok=True)
-    write_datalist(datalist, target)
+    write_prepared(datalist, output)
     return datalist

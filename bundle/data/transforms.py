@@ -12,6 +12,7 @@ Geometric augmentation, padding, cropping and copying of views use MONAI's own t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -62,8 +63,12 @@ class MaskToClass(Transform):
 
     Args:
         mode: ``"nonzero"``: every value > 0 becomes class 1 (binary 0/255 masks and instance-labelled masks
-            alike); ``"values"``: ``class_values[i]`` becomes class ``i`` and any other value is an error.
+            alike); ``"values"``: ``class_values[i]`` becomes class ``i`` and any other value is an error;
+            ``"threshold"``: every value > ``threshold`` becomes class 1 (grey masks with anti-aliased or JPEG edges,
+            such as EBHI-Seg's labels).
         class_values: the raw values in class order for ``mode="values"``, e.g. ``[0, 255]`` or ``[0, 128, 255]``.
+        threshold: the largest background value for ``mode="threshold"`` (default 127: 0..127 background,
+            128..255 foreground); ignored by the other modes.
 
     Raises:
         BundleInputError: bad options; a mask with differing colour channels; for ``mode="values"`` a mask with
@@ -71,11 +76,15 @@ class MaskToClass(Transform):
     """
 
     backend = [TransformBackends.TORCH]
-    modes = ("nonzero", "values")
+    modes = ("nonzero", "values", "threshold")
 
-    def __init__(self, mode: str = "nonzero", class_values: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, mode: str = "nonzero", class_values: Sequence[float] | None = None, threshold: float = 127.0
+    ) -> None:
         if mode not in self.modes:
             raise BundleInputError(f"MaskToClass mode {mode!r} is not one of {', '.join(self.modes)}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            raise BundleInputError(f"MaskToClass threshold must be a finite number, got {threshold!r}")
         if mode == "values":
             if not class_values or len(class_values) < 2:
                 raise BundleInputError("MaskToClass mode 'values' needs class_values with at least two raw values")
@@ -83,6 +92,7 @@ class MaskToClass(Transform):
                 raise BundleInputError(f"MaskToClass class_values {list(class_values)} contain a value twice")
         self.mode = mode
         self.class_values = [float(v) for v in class_values] if class_values is not None else None
+        self.threshold = float(threshold)
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         mask = convert_to_tensor(img, track_meta=False)
@@ -99,6 +109,8 @@ class MaskToClass(Transform):
             mask = mask[:1]
         if self.mode == "nonzero":
             classes = (mask > 0).to(torch.int64)
+        elif self.mode == "threshold":
+            classes = (mask > self.threshold).to(torch.int64)
         else:
             classes = torch.full(mask.shape, -1, dtype=torch.int64, device=mask.device)
             for index, value in enumerate(self.class_values):
@@ -126,9 +138,10 @@ class MaskToClassd(MapTransform):
         mode: str = "nonzero",
         class_values: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
+        threshold: float = 127.0,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = MaskToClass(mode=mode, class_values=class_values)
+        self.converter = MaskToClass(mode=mode, class_values=class_values, threshold=threshold)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)

@@ -1,0 +1,127 @@
+"""The output folder of a dataset preparer: checks before anything is read, and files written only at the end.
+
+:func:`check_output` refuses an output that is a file, an existing datalist without ``--force``, overwriting a file
+of a source, and (for preparers that write images or masks) an output inside a source or a source inside the
+output. :class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to their
+destination and moves them into place only when the whole preparation succeeded, so a failed run leaves the output
+as it was. The datalist is written last (atomically), so a folder with a datalist always holds all its files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from bundle.data.datalist import DATALIST_FILENAME, write_datalist
+from bundle.errors import BundleInputError
+
+__all__ = ["GeneratedFolders", "absolute", "check_output", "check_source", "is_inside", "write_prepared"]
+
+
+def absolute(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_source(source: str | os.PathLike, label: str) -> str:
+    """``source`` as an absolute path; :class:`BundleInputError` unless it is an existing folder."""
+    source = absolute(source)
+    if not os.path.isdir(source):
+        what = "is not a folder" if os.path.exists(source) else "does not exist"
+        raise BundleInputError(f"{label} source {source} {what}")
+    return source
+
+
+def check_output(
+    sources: Sequence[str],
+    output: str | os.PathLike,
+    label: str,
+    *,
+    force: bool,
+    writes_files: bool = False,
+) -> str:
+    """Check that ``output/datalist.json`` may be written; return the absolute output folder.
+
+    ``label`` names the dataset in messages ("GlaS source ..."). With ``writes_files`` (tiles, masks) the output
+    must not overlap any source.
+    """
+    output = absolute(output)
+    target = os.path.join(output, DATALIST_FILENAME)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise BundleInputError(f"output {output} exists and is not a folder")
+    if os.path.isdir(target):
+        raise BundleInputError(f"{target} is a folder; cannot write the datalist there")
+    for source in sources:
+        if writes_files and (is_inside(output, source) or is_inside(source, output)):
+            raise BundleInputError(
+                f"output {output} overlaps the {label} source {source}; choose an output folder outside the source "
+                "(files are written there and the source is never modified)"
+            )
+    if os.path.exists(target):
+        for source in sources:
+            if is_inside(target, source):
+                raise BundleInputError(f"refusing to overwrite {target}: it is a file of the {label} source {source}")
+        if not force:
+            raise BundleInputError(f"{target} already exists; pass --force to overwrite it")
+    return output
+
+
+class GeneratedFolders:
+    """Sub-folders of ``output`` (such as ``tiles``, ``masks``) filled in a staging folder, swapped in at the end.
+
+    Use as a context manager: :meth:`staging` gives where to write ``name`` now, :meth:`final` where it will be.
+    On a clean exit each staged folder replaces ``output/name`` (an older one is removed); on an exception the
+    staging folder is deleted and ``output`` is left as it was (or removed again if this created it).
+    """
+
+    def __init__(self, output: str, names: Sequence[str]) -> None:
+        self.output = output
+        self.names = tuple(names)
+        self._staging: str | None = None
+        self._created_output = False
+
+    def __enter__(self) -> GeneratedFolders:
+        self._created_output = not os.path.exists(self.output)
+        os.makedirs(self.output, exist_ok=True)
+        self._staging = tempfile.mkdtemp(prefix=".prepare-", dir=self.output)
+        return self
+
+    def staging(self, name: str) -> str:
+        if self._staging is None or name not in self.names:
+            raise RuntimeError(f"{name!r} is not a generated folder of this context: {self.names}")
+        return os.path.join(self._staging, name)
+
+    def final(self, name: str) -> str:
+        return os.path.join(self.output, name)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        staging, self._staging = self._staging, None
+        try:
+            if exc_type is None:
+                for name in self.names:
+                    staged, final = os.path.join(staging, name), self.final(name)
+                    if os.path.lexists(final):
+                        if os.path.isdir(final) and not os.path.islink(final):
+                            shutil.rmtree(final)
+                        else:
+                            os.remove(final)
+                    if os.path.exists(staged):
+                        os.replace(staged, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc_type is not None and self._created_output and not os.listdir(self.output):
+                os.rmdir(self.output)
+
+
+def write_prepared(datalist: dict[str, Any], output: str) -> str:
+    """Write ``output/datalist.json`` (creating ``output``); return its path."""
+    os.makedirs(output, exist_ok=True)
+    return write_datalist(datalist, os.path.join(output, DATALIST_FILENAME))
