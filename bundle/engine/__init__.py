@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "GradientAllReduce": "distributed",
     "LogFileHandler": "handlers",
     "QuietStatsHandler": "handlers",
     "TrainingProgressBar": "handlers",
     "SemiSupervisedTrainer": "trainer",
+    "TrainingCheckpointLoader": "checkpoint",
     "TrainingCheckpointSaver": "checkpoint",
+    "handlers_for_rank": "distributed",
     "optimizer_param_groups": "optim",
 }
 

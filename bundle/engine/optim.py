@@ -18,8 +18,11 @@ def optimizer_param_groups(
 
     The network's own :meth:`parameter_groups` (when it has one) puts the encoder at ``lr * encoder_lr_scale`` and
     leaves a frozen encoder out; the criterion's trainable parameters (the prompt learner's context vectors and
-    projection) get ``lr * text_lr_scale``. Parameters with ``requires_grad=False`` are never included.
+    projection) get ``lr * text_lr_scale``. Parameters with ``requires_grad=False`` are never included. A network
+    wrapped in ``DistributedDataParallel`` is unwrapped first.
     """
+    if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        network = network.module
     if hasattr(network, "parameter_groups"):
         groups = list(network.parameter_groups(lr, encoder_lr_scale))
     else:

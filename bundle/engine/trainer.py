@@ -10,6 +10,10 @@ cycled loader holding a weak view ``image`` and two strong views ``image_s1``/``
 3. one forward of ``[strong 1, strong 2]``;
 4. :class:`bundle.losses.MPAMatchLoss` on everything, backward and optimizer step.
 
+A loss that is NaN or infinite stops training before the optimizer step, with one clear message naming the last
+good checkpoint. With a ``seed`` every epoch's randomness (augmentations, shuffling, CutMix boxes, dropout) is drawn
+from ``(seed, epoch)`` alone, so a run resumed from an epoch checkpoint repeats the uninterrupted run.
+
 It fires MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and stores ``image``, ``label``, ``pred``, ``loss``
 and ``loss_terms`` (every term as a float) in ``engine.state.output``. Without an unlabelled loader (or with an
 empty one) every iteration is a supervised one.
@@ -18,29 +22,41 @@ empty one) every iteration is a supervised one.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
+from monai.data.utils import set_rnd
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Transform
+from monai.utils import set_determinism
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bundle.data.cutmix import CutMix, roll_source
+from bundle.engine.distributed import rank
 from bundle.errors import BundleInputError
 from bundle.losses import MPAMatchLoss, StepOutputs
 
-__all__ = ["SemiSupervisedTrainer"]
+__all__ = ["NonFiniteLossError", "SemiSupervisedTrainer"]
 
 logger = logging.getLogger(__name__)
 
 CUTMIX_SOURCES = ("rolled", "batch")
+# the unlabelled loader's sampler epoch at the start of epoch e is e * this (it advances within an epoch when the
+# pool is exhausted), so that seeded epochs never share a shuffle
+_UNLABELED_EPOCHS_PER_EPOCH = 1000
+
+
+class NonFiniteLossError(BundleInputError):
+    """The loss became NaN or infinite; printed as one line like input errors (learning rate, data or AMP)."""
 
 
 @contextmanager
@@ -89,6 +105,10 @@ class SemiSupervisedTrainer(Trainer):
         channels_last: move image batches to the channels-last memory format.
         strong_views_update_norm_stats: let the strong views' forward update batch-norm running statistics
             (UniMatch's code does; by default they do not, see :func:`frozen_norm_statistics`).
+        seed: when given, at the start of every epoch the global random generators, the random state of every
+            transform of both loaders' datasets and both loaders' iterators are reset from ``seed + epoch``.
+        last_checkpoint: the resumable checkpoint the run writes, named in the error when the loss stops being
+            finite.
     """
 
     def __init__(
@@ -122,6 +142,8 @@ class SemiSupervisedTrainer(Trainer):
         strong_keys: Sequence[str] = ("image_s1", "image_s2"),
         channels_last: bool = False,
         strong_views_update_norm_stats: bool = False,
+        seed: int | None = None,
+        last_checkpoint: str | None = None,
     ) -> None:
         if cutmix_source not in CUTMIX_SOURCES:
             raise BundleInputError(f"cutmix_source must be one of {CUTMIX_SOURCES}, got {cutmix_source!r}")
@@ -162,6 +184,10 @@ class SemiSupervisedTrainer(Trainer):
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Any = None
         self.unlabeled_epoch = 0
+        self.seed = None if seed is None else int(seed)
+        self.last_checkpoint = last_checkpoint
+        if self.seed is not None:
+            self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
         if self.semi_supervised:
             logger.info("semi-supervised training: labelled and unlabelled batches each iteration")
         else:
@@ -197,6 +223,35 @@ class SemiSupervisedTrainer(Trainer):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(self.unlabeled_epoch)
 
+    def _seed_epoch(self, engine: SemiSupervisedTrainer) -> None:
+        """Reset every source of randomness from ``(seed, epoch, rank)`` and restart both loaders.
+
+        Each rank of a distributed run gets its own stream, so that ranks do not augment in lockstep.
+        """
+        epoch_seed = self.seed + engine.state.epoch
+        set_determinism(seed=epoch_seed + 100_003 * rank())
+        next_seed = epoch_seed * 7919 + 104_729 * rank()  # transform states: apart from the global generators'
+        for loader in (engine.data_loader, self.unlabeled_data_loader):
+            if loader is not None and hasattr(loader, "dataset"):
+                next_seed = set_rnd(loader.dataset, seed=next_seed)
+        engine.set_data(engine.data_loader)
+        self.unlabeled_epoch = engine.state.epoch * _UNLABELED_EPOCHS_PER_EPOCH
+        self._unlabeled_iter = None
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        loss = terms["loss"].detach()
+        if bool(torch.isfinite(loss)):
+            return
+        values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items() if name != "loss")
+        if self.last_checkpoint and os.path.isfile(self.last_checkpoint):
+            kept = f"the last good checkpoint is kept: {self.last_checkpoint}"
+        else:
+            kept = "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {float(loss)} at epoch {self.state.epoch}, iteration "
+            f"{self.state.iteration} ({values}); {kept}. Check the data or lower learning_rate and train again"
+        )
+
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = _plain(tensor).to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
         if self.channels_last and tensor.ndim == 4:
@@ -225,6 +280,7 @@ class SemiSupervisedTrainer(Trainer):
                 step = engine._semi_supervised_forward(images, labels, unlabeled)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(step, engine.state.iteration)
+        engine._check_finite(terms)
         loss = terms["loss"]
         engine.state.output[Keys.PRED] = step.logits_x.detach()
         engine.state.output[Keys.LOSS] = loss.detach()
