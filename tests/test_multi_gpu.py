@@ -1,0 +1,73 @@
+"""``configs/multi_gpu_train.json`` under ``torchrun`` with two CPU processes and the gloo backend.
+
+Checks what distributed training must guarantee: both ranks train the same number of iterations on different
+shards, the network, the prompt context (averaged by ``GradientAllReduce``) and the image prototype bank stay
+identical on both ranks, and only rank 0 validates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_workflow import small_overrides
+
+from bundle.data.synthetic import generate_synthetic_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# after training, every rank writes its own state (and the samples it drew) for the test to compare
+DUMP_STATES = {
+    "finalize": [
+        "$torch.save({'network': @network_def.state_dict(), 'criterion': @criterion.state_dict(), "
+        "'iteration': @train#trainer.state.iteration, 'indices': list(@train#sampler)}, "
+        "os.path.join(@output_dir, f'rank{dist.get_rank()}.pt'))",
+        "$dist.destroy_process_group()",
+    ]
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["mpamatch", "unimatch"])
+def test_two_process_torchrun_on_cpu(tmp_path, preset):
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data, image_size=96, num_labelled=4, num_unlabeled=4, num_validation=2, num_test=1)
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps(DUMP_STATES))
+    configs = [str(REPO_ROOT / "configs" / name) for name in ("train.json", f"{preset}.json", "multi_gpu_train.json")]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args += ["-m", "monai.bundle", "run", "training", "--config_file", repr(configs + [str(dump)])]
+    overrides = small_overrides(tmp_path, data, max_epochs=2, epoch_length=2, batch_size=2)
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    out = tmp_path / "out"
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["iteration"] == rank1["iteration"] == 4
+    assert set(rank0["indices"]).isdisjoint(rank1["indices"])  # each rank draws its own labelled shard
+    for part in ("network", "criterion"):
+        assert rank0[part].keys() == rank1[part].keys()
+        for name, tensor in rank0[part].items():
+            if name.endswith("running_mean") or name.endswith("running_var") or "num_batches_tracked" in name:
+                continue  # batch-norm statistics are per rank on a CPU (SyncBatchNorm needs CUDA)
+            torch.testing.assert_close(rank1[part][name], tensor, msg=f"{part}.{name} differs between ranks")
+    if preset == "mpamatch":
+        assert bool(rank0["criterion"]["image_prototypes.initialized"].all())
+        assert "prompt_learner.ctx" in rank0["criterion"]
+
+    # rank 0 alone validated and wrote the checkpoints and the log
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 4
+    assert not any(key.startswith("module.") for key in last["network"])
+    model = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert set(model) == set(rank0["network"])
+    log = (out / "train.log").read_text()
+    assert log.count("Epoch[2] Metrics") == 1, log
