@@ -227,10 +227,7 @@ def build_ebhi_datalist(
         "mask_mode": "threshold",
         "mask_threshold": EBHI_MASK_THRESHOLD,
         "source": root,
-        "training": items(split.labelled, True),
-        "validation": items(split.validation, True),
-        "unlabeled": items(split.unlabeled, False),
-        "test": items(split.test, True),
+        **split.datalist_lists(items),
     }
 
 

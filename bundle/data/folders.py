@@ -158,10 +158,7 @@ def build_folders_datalist(
         "seed": seed,
         "images": check_source(images, "images"),
         "masks": check_source(masks, "masks"),
-        "training": items(split.labelled, True),
-        "validation": items(split.validation, True),
-        "unlabeled": items(split.unlabeled, False),
-        "test": items(split.test, True),
+        **split.datalist_lists(items),
     }
 
 

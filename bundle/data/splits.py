@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from bundle.errors import BundleInputError
 
@@ -29,6 +30,15 @@ class Split:
     unlabeled: list[str]
     validation: list[str]
     test: list[str]
+
+    def datalist_lists(self, items: Callable[[list[str], bool], list[dict[str, Any]]]) -> dict[str, list[dict]]:
+        """The datalist's four lists; ``items(names, labelled)`` turns names into datalist items."""
+        return {
+            "training": items(self.labelled, True),
+            "validation": items(self.validation, True),
+            "unlabeled": items(self.unlabeled, False),
+            "test": items(self.test, True),
+        }
 
 
 def round_half_up(value: float) -> int:

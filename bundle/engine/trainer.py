@@ -22,6 +22,7 @@ empty one) every iteration is a supervised one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -238,18 +239,20 @@ class SemiSupervisedTrainer(Trainer):
         self.unlabeled_epoch = engine.state.epoch * _UNLABELED_EPOCHS_PER_EPOCH
         self._unlabeled_iter = None
 
-    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        loss = terms["loss"].detach()
-        if bool(torch.isfinite(loss)):
-            return
-        values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items() if name != "loss")
+    def _logged_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Every term as a float (one device-to-host transfer); stops training if the loss is not finite."""
+        names = list(terms)
+        values = dict(zip(names, torch.stack([terms[n].detach().float() for n in names]).tolist(), strict=True))
+        if math.isfinite(values["loss"]):
+            return values
+        details = ", ".join(f"{name}={value:.4g}" for name, value in values.items() if name != "loss")
         if self.last_checkpoint and os.path.isfile(self.last_checkpoint):
             kept = f"the last good checkpoint is kept: {self.last_checkpoint}"
         else:
             kept = "no checkpoint had been written yet"
         raise NonFiniteLossError(
-            f"training stopped: the loss is {float(loss)} at epoch {self.state.epoch}, iteration "
-            f"{self.state.iteration} ({values}); {kept}. Check the data or lower learning_rate and train again"
+            f"training stopped: the loss is {values['loss']} at epoch {self.state.epoch}, iteration "
+            f"{self.state.iteration} ({details}); {kept}. Check the data or lower learning_rate and train again"
         )
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -280,7 +283,7 @@ class SemiSupervisedTrainer(Trainer):
                 step = engine._semi_supervised_forward(images, labels, unlabeled)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(step, engine.state.iteration)
-        engine._check_finite(terms)
+        logged_terms = engine._logged_terms(terms)
         loss = terms["loss"]
         engine.state.output[Keys.PRED] = step.logits_x.detach()
         engine.state.output[Keys.LOSS] = loss.detach()
@@ -295,7 +298,7 @@ class SemiSupervisedTrainer(Trainer):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-        engine.state.output["loss_terms"] = {name: float(value.detach()) for name, value in terms.items()}
+        engine.state.output["loss_terms"] = logged_terms
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
