@@ -1,0 +1,51 @@
+"""Every preparation command's datalist trains with the core bundle: a couple of iterations and one validation.
+
+Fixtures reproduce each dataset's real layout (tests/dataset_fixtures.py); EBHI-Seg is covered with its threshold
+override in tests/test_prepare_ebhi.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from dataset_fixtures import run_cli, write_folders, write_kpi, write_monuseg
+from test_workflow import config_files, make_workflow, record_terms, small_overrides
+
+
+def prepare_kpi(tmp_path: Path, capsys) -> Path:
+    source = write_kpi(tmp_path / "source", size=96)
+    out = tmp_path / "data"
+    args = ["kpi", "--source", source, "--output", out, "--labelled-percent", 50, "--tile-size", 64]
+    assert run_cli(capsys, *args)[0] == 0
+    return out
+
+
+def prepare_monuseg(tmp_path: Path, capsys) -> Path:
+    train, test = write_monuseg(tmp_path / "source", size=64)
+    out = tmp_path / "data"
+    args = ["monuseg", "--source", train, "--test-source", test, "--output", out, "--labelled-percent", 50]
+    assert run_cli(capsys, *args)[0] == 0
+    return out
+
+
+def prepare_folders(tmp_path: Path, capsys) -> Path:
+    images = write_folders(tmp_path / "source", size=64)
+    out = tmp_path / "data"
+    args = ["folders", "--images", images / "images", "--masks", images / "masks", "--output", out, "--seed", 0]
+    assert run_cli(capsys, *args)[0] == 0
+    return out
+
+
+@pytest.mark.parametrize("prepare", [prepare_kpi, prepare_monuseg, prepare_folders], ids=["kpi", "monuseg", "folders"])
+def test_prepared_datalist_trains(tmp_path, capsys, prepare):
+    data = prepare(tmp_path, capsys)
+    workflow = make_workflow(config_files(), **small_overrides(tmp_path, data, max_epochs=1, epoch_length=2))
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    history = record_terms(trainer)
+    workflow.run()
+    assert len(history) == 2 and all(math.isfinite(value) for value in history[-1].values())
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.metrics["val_dice"] <= 1.0
