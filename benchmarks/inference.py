@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
+
+from benchmarks.process_memory import peak_rss_mb, reset_peak_rss, rss_mb, sync  # noqa: E402
 
 TINY_NETWORK = {
     "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
@@ -212,58 +213,20 @@ def window_count(method: str, height: int, width: int, args: argparse.Namespace,
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _rss_mb() -> float:
-    """Resident memory now (Linux; elsewhere the peak so far)."""
-    value = _proc_status_mb("VmRSS")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux ``VmHWM``: ``ru_maxrss`` would include the RSS the parent had
-    when it started this child)."""
-    value = _proc_status_mb("VmHWM")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Start the peak over from the current RSS (Linux), so that it belongs to what runs next, not to building."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
-
-
 def measure(bench: Bench, method: str, image: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """Time one run of ``method``; memory: RSS (baseline and peak) and on CUDA the allocator's peak."""
     device = bench.device
-    result: dict = {"baseline_rss_mb": _rss_mb()}
-    _reset_peak_rss()
+    result: dict = {"baseline_rss_mb": rss_mb()}
+    reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     classes = bench.run(method, image)
-    _sync(device)
+    sync(device)
     result["seconds"] = time.perf_counter() - start
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     if isinstance(classes, str):  # the block path's mask file, read back outside the timing
         classes = tifffile.imread(classes)
     if device.type == "cuda":

@@ -65,7 +65,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -82,6 +81,8 @@ if str(BUNDLE_ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
+
+from benchmarks.process_memory import peak_rss_mb, reset_peak_rss, rss_mb, sync  # noqa: E402
 
 TINY_NETWORK = {
     "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
@@ -314,53 +315,15 @@ def build_methods(args: argparse.Namespace, names: list[str], out_dir: str) -> t
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _rss_mb() -> float:
-    """Resident memory now (Linux; elsewhere the peak so far)."""
-    value = _proc_status_mb("VmRSS")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux ``VmHWM``: ``ru_maxrss`` would include the RSS the parent had
-    when it started this child)."""
-    value = _proc_status_mb("VmHWM")
-    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Start the peak over from the current RSS (Linux), so that it belongs to what runs next, not to building."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
-
-
 def measure_memory(args: argparse.Namespace, method: str) -> dict:
     """Peak RSS of ``MEMORY_ITERATIONS`` iterations of one method alone (this process builds only that method)."""
     with tempfile.TemporaryDirectory() as out:
         steps, labelled = build_methods(args, [method], out)
-        baseline, build_peak = _rss_mb(), _peak_rss_mb()
-        _reset_peak_rss()
+        baseline, build_peak = rss_mb(), peak_rss_mb()
+        reset_peak_rss()
         for _ in range(MEMORY_ITERATIONS):
             steps[method](labelled)
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         return {"method": method, "baseline_rss_mb": baseline, "build_peak_rss_mb": build_peak, "peak_rss_mb": peak}
 
 
@@ -391,10 +354,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 terms = steps[method](labelled)
-                _sync(device)
+                sync(device)
                 elapsed = time.perf_counter() - start
                 if i == 0:
                     first_terms[method] = terms
