@@ -1,0 +1,550 @@
+"""Ablation of MPAMatch's terms on real GlaS: five presets, the 10 % and 20 % splits, equal schedules and seeds.
+
+Every run goes through the bundle's own commands, as subprocesses:
+
+    python -m bundle.prepare glas --source SRC --output DATA/glas_x2_split10 --split 10
+    python -m monai.bundle run training --config_file "['configs/train.json','configs/<preset>.json']" \
+        --bundle_root . --dataset_dir DATA/glas_x2_split10 --output_dir RUN --ckpt_dir RUN/models --seed S \
+        --max_epochs E --epoch_length L --val_interval 1 --patch_size "[128,128]" ...
+    python -m monai.bundle run --config_file "['configs/train.json','configs/<preset>.json','configs/evaluate.json']" \
+        ... --output_dir RUN --ckpt_dir RUN/models          # -> RUN/eval/metrics.json
+
+for the presets supervised, unimatch, image_prototypes, text_prototypes and mpamatch, each split and each seed, with
+the same number of iterations. It records each training's wall time, evaluates each best network (by validation
+gland Dice) on the 80 GlaS test images and writes, in ``--output``:
+
+- ``results.md`` (printed as written), ``results.csv``, ``results.json``: per split and preset, test mDice,
+  mJaccard, gland Dice and object F1 (mean and spread over the seeds), iterations, wall time per training run and
+  seconds per iteration; ``runs.csv``: every run;
+- ``curves_10.png``, ``curves_20.png``: validation gland Dice and supervised loss (``loss_x``) against iteration,
+  one line per preset, mean over seeds (read from each run's TensorBoard events; the values are also written to
+  ``curves_<split>.csv``; the PNGs need matplotlib);
+- ``runs/split<P>/<preset>/seed<S>/``: each run's ``train.log``, TensorBoard events, ``models/model.pt``,
+  ``eval/`` (metrics.json, per-image CSV, overlays), console output and ``commands.txt``.
+
+The experiment resumes: a run whose ``eval/metrics.json`` exists is not redone (a trained but unevaluated run is
+only evaluated), so a killed experiment continues where it stopped when the same command is run again. A run that
+was killed during training starts again from scratch, so every recorded wall time is one uninterrupted training.
+
+CPU default (``python benchmarks/ablation.py --glas /path/to/glas --output runs/ablation``, about 2 hours on 2 CPU
+cores): GlaS at half resolution (``--downsample 2``: a box-filtered copy of the images and nearest-neighbour masks
+is written to ``--data-dir``, outside the repository; a 128 px crop then covers what a 256 px crop covers at full
+resolution, and validation and evaluation are 4x cheaper), a narrower TransUNet (``CPU_NETWORK``: 0.9 M parameters
+instead of 5.9 M), 128 px crops, batch 4 + 4, 300 iterations per run, validation every 25 iterations, seeds 0 and 1,
+both splits: 20 runs. Test metrics are computed at that half resolution (HD95, not in the table, in half-resolution
+pixels).
+
+Estimate. The CPU network halves the default network's iteration time, measured single-threaded on half-resolution
+GlaS (semi-supervised 1.45 s against 2.90 s, supervised 0.27 s against 0.48 s); scaled to the default's 1.7 s and
+0.4 s on 2 idle cores (``benchmarks/default_config.py``):
+
+    semi-supervised iteration ~0.9 s, supervised ~0.22 s
+    training, per split and seed: (4 x 0.9 + 0.22) s x 300 iterations  = 1,150 s
+    validation: 12 per run x ~2.5 s (12 half-resolution images)        = 5 x 30 s = 150 s
+    evaluation: the 80 half-resolution test images, ~30 s per run      = 5 x 30 s = 150 s
+    start-up and exit: ~20 s per subprocess, 2 per run                 = 5 x 40 s = 200 s
+    per split and seed                                                 ~ 1,650 s
+    x 2 splits x 2 seeds                                               ~ 6,600 s = 1 h 50 min
+
+Measured on that machine with one thread while other jobs held the other core (``OMP_NUM_THREADS=1``, 50
+iterations, split 10, seed 0): supervised trained in 37 s (0.27 s per iteration), mpamatch in 95 s (1.45 s), and
+each evaluation of the 80 test images took 55 s, 15 s of it start-up; at that pace the default takes about 2 h 40
+min. A third seed adds half of the time; ``--iterations`` scales the training line.
+
+GPU full protocol (``--gpu``: the paper's setting, ``configs/uni.json`` merged on top of each preset: UNI ViT-L/16 at
+0.1x learning rate, 256 px crops, full-resolution images, batch 8 + 8, 8,000 iterations, validation every 500,
+seeds 0 1 2; needs the UNI weights, ``models/uni/pytorch_model.bin`` or ``--extra "--uni_checkpoint PATH"``):
+
+    python benchmarks/ablation.py --gpu --glas /data/glas --output runs/ablation_gpu \
+        --extra "--uni_checkpoint /data/uni/pytorch_model.bin"
+
+Its duration is 30 runs x 8,000 iterations divided by the iterations per second that ``benchmarks/gpu_check.py``
+prints, plus 16 validations and one evaluation per run. Each run's ``checkpoints/`` (``last.pt`` and ``best.pt``,
+about 2.5 GB each with UNI: weights and SGD momentum) is deleted after its evaluation unless ``--keep-checkpoints``;
+``models/model.pt`` is kept.
+
+``--dry-run`` prints every command without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch")
+SPLITS = (10, 20)
+# test metric key in metrics.json -> column title
+TABLE_METRICS = {"mdice": "mDice", "mjaccard": "mJaccard", "dice": "gland Dice", "object_f1": "object F1"}
+# a narrower TransUNet for the CPU: 0.9 M parameters (default 5.9 M), half the default's time per iteration
+CPU_NETWORK = {
+    "encoder_kwargs": {"embed_dim": 128, "depth": 2, "num_heads": 2, "stem_channels": [16, 32, 64]},
+    "head_channels": 128,
+    "decoder_channels": [64, 32, 16, 16],
+}
+CPU_DEFAULTS = {"iterations": 300, "val_every": 25, "patch_size": 128, "downsample": 2, "seeds": [0, 1]}
+GPU_DEFAULTS = {"iterations": 8000, "val_every": 500, "patch_size": 256, "downsample": 1, "seeds": [0, 1, 2]}
+# per run: training wall and CPU seconds (start-up and validations included), median seconds per iteration, evaluation
+TIMINGS = ("train_wall_s", "train_cpu_s", "s_per_iteration", "eval_wall_s", "eval_cpu_s")
+SETTINGS_FILE = "settings.json"
+TRAIN_RECORD = "train_time.json"
+EVAL_RECORD = "eval_time.json"
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glas", required=True, help="GlaS folder (images/ + masks/, or the official release)")
+    parser.add_argument("--output", default="runs/ablation", help="experiment folder (runs/ablation)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.path.join(tempfile.gettempdir(), "mpamatch_ablation_data"),
+        help="where the downsampled GlaS copy and the prepared datalists go (a temporary folder by default)",
+    )
+    parser.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--seeds", type=int, nargs="+", help="CPU: 0 1; --gpu: 0 1 2")
+    parser.add_argument("--iterations", type=int, help="training iterations per run (CPU: 300; --gpu: 8000)")
+    parser.add_argument("--val-every", type=int, help="iterations between validations (CPU: 25; --gpu: 500)")
+    parser.add_argument("--patch-size", type=int, help="training crop and sliding window, px (CPU: 128; --gpu: 256)")
+    parser.add_argument("--downsample", type=int, help="integer image reduction factor (CPU: 2; --gpu: 1)")
+    parser.add_argument("--extra", default="", help='more overrides for every command, e.g. "--batch_size 8"')
+    parser.add_argument("--max-test-images", type=int, help="evaluate on this many test images only (for tests)")
+    parser.add_argument("--gpu", action="store_true", help="the paper's setting (configs/uni.json), for a GPU")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ folder")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    for key, value in (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.iterations % args.val_every:
+        parser.error(f"--iterations {args.iterations} must be a multiple of --val-every {args.val_every}")
+    if args.patch_size % 16 or args.downsample < 1:
+        parser.error("--patch-size must be a multiple of 16 and --downsample at least 1")
+    args.output = Path(args.output).resolve()
+    args.data_dir = Path(args.data_dir).resolve()
+    args.glas = Path(args.glas).resolve()
+    return args
+
+
+def experiment_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs comparable; an output folder holds runs of one setting only."""
+    return {
+        "gpu": args.gpu,
+        "iterations": args.iterations,
+        "val_every": args.val_every,
+        "downsample": args.downsample,
+        "options": shared_options(args),
+        "max_test_images": args.max_test_images,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def downsample_glas(source: Path, target: Path, factor: int) -> None:
+    """Write a ``factor``-times smaller PNG copy of GlaS (box-filtered images, nearest-neighbour masks)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    from bundle.data.glas import find_glas_cases
+
+    if (target / "complete").is_file():
+        return
+    _, cases = find_glas_cases(source)
+    for folder in ("images", "masks"):
+        (target / folder).mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        with Image.open(case.image) as image:
+            small = image.convert("RGB").reduce(factor)
+        small.save(target / "images" / f"{case.name}.png")
+        if case.mask is not None:
+            suffix = "_anno" if case.label_type == "instance" else ""
+            with Image.open(case.mask) as mask:
+                mask.resize(small.size, Image.Resampling.NEAREST).save(target / "masks" / f"{case.name}{suffix}.png")
+    (target / "complete").write_text(f"{len(cases)} images reduced {factor}x from {source}\n")
+
+
+def cut_test_list(dataset_dir: Path, target: Path, count: int) -> None:
+    """A copy of ``dataset_dir``'s datalist whose test list keeps ``count`` images, alternating GlaS parts."""
+    datalist = json.loads((dataset_dir / "datalist.json").read_text())
+    rank: dict[str, int] = {}
+    ordered = []
+    for item in datalist["test"]:
+        part = item.get("part", "")
+        rank[part] = rank.get(part, -1) + 1
+        ordered.append((rank[part], len(ordered), item))
+    datalist["test"] = [item for _, _, item in sorted(ordered, key=lambda entry: entry[:2])][:count]
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "datalist.json").write_text(json.dumps(datalist, indent=4))
+
+
+def prepare_data(args: argparse.Namespace, commands: list[str]) -> dict[int, tuple[Path, Path]]:
+    """Per split: (training dataset_dir, evaluation dataset_dir), prepared with ``python -m bundle.prepare glas``."""
+    source = args.glas
+    tag = f"glas_x{args.downsample}"
+    if args.downsample > 1:
+        source = args.data_dir / tag
+        commands.append(
+            f"# GlaS reduced {args.downsample}x (images box-filtered, masks nearest): {args.glas} -> {source}"
+        )
+        if not args.dry_run:
+            downsample_glas(args.glas, source, args.downsample)
+    folders = {}
+    for split in args.splits:
+        train_dir = args.data_dir / f"{tag}_split{split}"
+        command = [sys.executable, "-m", "bundle.prepare", "glas", "--source", str(source)]
+        command += ["--output", str(train_dir), "--split", str(split)]
+        commands.append(shlex.join(command))
+        if not args.dry_run and not (train_dir / "datalist.json").is_file():
+            subprocess.run(command, cwd=BUNDLE_ROOT, env=subprocess_env(), check=True, stdout=subprocess.DEVNULL)
+        eval_dir = train_dir
+        if args.max_test_images:
+            eval_dir = args.data_dir / f"{tag}_split{split}_test{args.max_test_images}"
+            commands.append(f"# test list cut to {args.max_test_images} images -> {eval_dir}")
+            if not args.dry_run:
+                cut_test_list(train_dir, eval_dir, args.max_test_images)
+        folders[split] = (train_dir, eval_dir)
+    return folders
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BUNDLE_ROOT), env.get("PYTHONPATH", "")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def config_files(args: argparse.Namespace, preset: str, evaluate: bool = False) -> str:
+    names = ["train", preset] + (["uni"] if args.gpu else []) + (["evaluate"] if evaluate else [])
+    return json.dumps([str(BUNDLE_ROOT / "configs" / f"{name}.json") for name in names])
+
+
+def extra_overrides(text: str) -> dict[str, str]:
+    """``--extra "--key value ..."`` as {key: value}."""
+    tokens = shlex.split(text)
+    if len(tokens) % 2 or not all(key.startswith("--") for key in tokens[0::2]):
+        raise SystemExit(f'error: --extra must be pairs of "--key value", got {text!r}')
+    return {key[2:]: value for key, value in zip(tokens[0::2], tokens[1::2])}
+
+
+def shared_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The crop, network and ``--extra`` options of every command of the experiment."""
+    options: dict[str, Any] = {"patch_size": [args.patch_size, args.patch_size]}
+    if not args.gpu:
+        options.update(CPU_NETWORK, sw_batch_size=16)
+    return {**options, **extra_overrides(args.extra)}
+
+
+def overrides(args: argparse.Namespace, run_dir: Path, dataset_dir: Path, **specific: Any) -> list[str]:
+    """Command-line overrides: paths, ``specific`` ones (schedule, seed), then the shared options."""
+    values: dict[str, Any] = {"bundle_root": BUNDLE_ROOT, "dataset_dir": dataset_dir, "output_dir": run_dir}
+    values.update(ckpt_dir=run_dir / "models", **specific)
+    values.update(shared_options(args))
+    return [item for key, value in values.items() for item in (f"--{key}", as_argument(value))]
+
+
+def as_argument(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def training_command(args: argparse.Namespace, preset: str, seed: int, dataset_dir: Path, run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_files(args, preset)]
+    schedule = {"max_epochs": args.iterations // args.val_every, "epoch_length": args.val_every, "val_interval": 1}
+    return command + overrides(args, run_dir, dataset_dir, seed=seed, **schedule)
+
+
+def evaluation_command(args: argparse.Namespace, preset: str, dataset_dir: Path, run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_files(args, preset, True)]
+    return command + overrides(args, run_dir, dataset_dir)
+
+
+def run_logged(command: list[str], log_path: Path) -> dict[str, float]:
+    """Run ``command`` with its output in ``log_path``; return its wall and CPU seconds. Exits if it fails."""
+    cpu_before = children_cpu_seconds()
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run(command, cwd=BUNDLE_ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    timing = {"wall_s": time.perf_counter() - start, "cpu_s": children_cpu_seconds() - cpu_before}
+    if done.returncode != 0:
+        print(log_path.read_text(encoding="utf-8", errors="replace")[-3000:], file=sys.stderr)
+        raise SystemExit(f"error: command failed with exit status {done.returncode} (output: {log_path}):\n"
+                         f"{shlex.join(command)}")  # fmt: skip
+    return timing
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_folder(args: argparse.Namespace, split: int, preset: str, seed: int) -> Path:
+    return args.output / "runs" / f"split{split}" / preset / f"seed{seed}"
+
+
+def run_one(args: argparse.Namespace, preset: str, split: int, seed: int, dirs: tuple[Path, Path], label: str) -> dict:
+    """Train (unless trained) and evaluate (unless evaluated) one run; return its record."""
+    run_dir = run_folder(args, split, preset, seed)
+    metrics_path = run_dir / "eval" / "metrics.json"
+    train_record = read_json(run_dir / TRAIN_RECORD)
+    if train_record is not None and metrics_path.is_file():
+        print(f"{label} {preset} split {split} % seed {seed}: done before, skipped", flush=True)
+    else:
+        train = training_command(args, preset, seed, dirs[0], run_dir)
+        evaluate = evaluation_command(args, preset, dirs[1], run_dir)
+        if train_record is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a killed training starts again: clean logs and wall time
+            run_dir.mkdir(parents=True)
+            (run_dir / "commands.txt").write_text(shlex.join(train) + "\n" + shlex.join(evaluate) + "\n")
+            print(f"{label} {preset} split {split} % seed {seed}: training {args.iterations} iterations", flush=True)
+            train_record = run_logged(train, run_dir / "train_console.txt")
+            train_record.update(iterations=args.iterations, epoch_length=args.val_every)
+            (run_dir / TRAIN_RECORD).write_text(json.dumps(train_record, indent=4))
+            print(f"{label} trained in {train_record['wall_s'] / 60:.1f} min", flush=True)
+        print(f"{label} {preset} split {split} % seed {seed}: evaluating", flush=True)
+        eval_record = run_logged(evaluate, run_dir / "eval_console.txt")
+        (run_dir / EVAL_RECORD).write_text(json.dumps(eval_record, indent=4))
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    metrics = json.loads(metrics_path.read_text())
+    eval_record = read_json(run_dir / EVAL_RECORD) or {"wall_s": math.nan, "cpu_s": math.nan}
+    scalars = read_scalars(run_dir / "tensorboard")
+    record = {
+        "split": split,
+        "preset": preset,
+        "seed": seed,
+        "iterations": train_record["iterations"],
+        "train_wall_s": train_record["wall_s"],
+        "train_cpu_s": train_record["cpu_s"],
+        "s_per_iteration": median_step_seconds(scalars.get("loss_x", {})),
+        "eval_wall_s": eval_record["wall_s"],
+        "eval_cpu_s": eval_record["cpu_s"],
+        "test_images": metrics["num_images"],
+        **{key: metrics["overall"][key] for key in TABLE_METRICS},
+        "best_val_dice": max((value for _, value in scalars.get("val_dice", {}).values()), default=math.nan),
+        "run_dir": str(run_dir),
+    }
+    record["curves"] = {
+        "val_dice": {epoch * train_record["epoch_length"]: v for epoch, (_, v) in scalars.get("val_dice", {}).items()},
+        "loss_x": {step: value for step, (_, value) in scalars.get("loss_x", {}).items()},
+    }
+    shown = "  ".join(f"{title} {record[key]:.4f}" for key, title in TABLE_METRICS.items())
+    print(f"{label} test ({record['test_images']} images): {shown}", flush=True)
+    return record
+
+
+def read_scalars(tensorboard_dir: Path) -> dict[str, dict[int, tuple[float, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> step -> (wall time, value); later files win."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in sorted(tensorboard_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps = scalars.setdefault(tag, {})
+            steps.update({event.step: (event.wall_time, event.value) for event in accumulator.Scalars(tag)})
+    return scalars
+
+
+def median_step_seconds(events: dict[int, tuple[float, float]]) -> float:
+    """Median seconds between consecutive iterations (validation pauses fall out of the median)."""
+    steps = sorted(events)
+    gaps = [events[b][0] - events[a][0] for a, b in zip(steps, steps[1:]) if b == a + 1]
+    return statistics.median(gaps) if gaps else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (split, preset): metric mean/std/min/max over seeds, iterations, mean wall times."""
+    rows = []
+    for split in sorted({r["split"] for r in records}):
+        for preset in PRESETS:
+            runs = [r for r in records if r["split"] == split and r["preset"] == preset]
+            if not runs:
+                continue
+            row: dict[str, Any] = {"split": split, "preset": preset, "seeds": [r["seed"] for r in runs]}
+            row["iterations"] = runs[0]["iterations"]
+            for key in TABLE_METRICS:
+                row[key] = spread([r[key] for r in runs])
+            for key in TIMINGS:
+                row[key] = statistics.fmean(r[key] for r in runs)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
+    seeds = sorted({seed for row in rows for seed in row["seeds"]})
+    test_images = f"{args.max_test_images}" if args.max_test_images else "the 80"
+    resolution = f" at 1/{args.downsample} resolution" if args.downsample > 1 else ""
+    configs = "configs/train.json + preset" + (" + configs/uni.json" if args.gpu else "")
+    options = " ".join(f"--{key} {as_argument(value)}" for key, value in shared_options(args).items())
+    lines = [
+        "# Ablation on GlaS",
+        "",
+        f"Test set: {test_images} GlaS test images{resolution}. Every run: {args.iterations} iterations, validation "
+        f"every {args.val_every}, seeds {', '.join(map(str, seeds))}; {configs} with `{options}`.",
+        "Scores: mean ± sample standard deviation over seeds (min and max in results.csv). Wall time: one training "
+        "run (start-up and validations included); s / it: median seconds per training iteration.",
+        "",
+        "| split | preset | seeds | iterations | "
+        + " | ".join(TABLE_METRICS.values())
+        + " | wall time / run | s / it |",
+        "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|",
+    ]
+    for row in rows:
+        scores = [f"{row[key]['mean']:.4f} ± {row[key]['std']:.4f}" for key in TABLE_METRICS]
+        lines.append(
+            f"| {row['split']} % | {row['preset']} | {len(row['seeds'])} | {row['iterations']} | "
+            + " | ".join(scores)
+            + f" | {row['train_wall_s'] / 60:.1f} min | {row['s_per_iteration']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], records: list[dict], args: argparse.Namespace) -> str:
+    table = markdown_table(rows, args)
+    (args.output / "results.md").write_text(table, encoding="utf-8")
+    flat_rows = []
+    for row in rows:
+        flat = {key: row[key] for key in ("split", "preset", "iterations")}
+        flat["seeds"] = " ".join(map(str, row["seeds"]))
+        for key in TABLE_METRICS:
+            flat.update({f"{key}_{stat}": value for stat, value in row[key].items()})
+        flat.update({key: row[key] for key in TIMINGS})
+        flat_rows.append(flat)
+    write_csv(args.output / "results.csv", flat_rows)
+    write_csv(args.output / "runs.csv", [{k: v for k, v in r.items() if k != "curves"} for r in records])
+    summary = {"settings": experiment_settings(args), "summary": rows, "runs": records}
+    (args.output / "results.json").write_text(json.dumps(summary, indent=4, default=str))
+    return table
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: format(v, ".6g") if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------------- curves
+def mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """The mean over seeds at the iterations every seed has."""
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    return steps, [statistics.fmean(curve[step] for curve in curves) for step in steps]
+
+
+def moving_average(values: list[float], width: int) -> list[float]:
+    """Each value averaged with up to ``width - 1`` values before it."""
+    return [statistics.fmean(values[max(0, i + 1 - width) : i + 1]) for i in range(len(values))]
+
+
+def write_curves(records: list[dict], split: int, output: Path) -> Path | None:
+    """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None."""
+    series = {}
+    for preset in PRESETS:
+        runs = [r for r in records if r["split"] == split and r["preset"] == preset]
+        if runs:
+            series[preset] = {name: mean_curve([r["curves"][name] for r in runs]) for name in ("val_dice", "loss_x")}
+    rows = [
+        {"preset": preset, "curve": name, "iteration": step, "mean_over_seeds": value}
+        for preset, curves in series.items()
+        for name, (steps, values) in curves.items()
+        for step, value in zip(steps, values)
+    ]
+    write_csv(output / f"curves_{split}.csv", rows)
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"notice: matplotlib is not installed: curves_{split}.png not drawn (values in curves_{split}.csv)")
+        return None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (dice_axis, loss_axis) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for preset, curves in series.items():
+        dice_axis.plot(*curves["val_dice"], marker="o", markersize=3, label=preset)
+        steps, losses = curves["loss_x"]
+        loss_axis.plot(steps, moving_average(losses, max(1, len(losses) // 20)), label=preset)
+    dice_axis.set(xlabel="iteration", ylabel="validation gland Dice", title=f"GlaS {split} %: validation (12 images)")
+    loss_axis.set(xlabel="iteration", ylabel="supervised loss L_x (moving average)", title="training")
+    for axis in (dice_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("mean over seeds")
+    figure.tight_layout()
+    path = output / f"curves_{split}.png"
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def check_settings(args: argparse.Namespace) -> None:
+    """Refuse to mix settings in one output folder (resumed runs would otherwise be compared unfairly)."""
+    path = args.output / SETTINGS_FILE
+    settings = json.loads(json.dumps(experiment_settings(args)))
+    stored = read_json(path)
+    if stored is not None and stored != settings:
+        changed = sorted(key for key in settings if stored.get(key) != settings[key])
+        raise SystemExit(f"error: {args.output} holds runs with other settings ({', '.join(changed)}); "
+                         "use another --output")  # fmt: skip
+    args.output.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=4))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    commands: list[str] = []
+    if not args.dry_run:
+        check_settings(args)
+    folders = prepare_data(args, commands)
+    plan = [(split, seed, preset) for split in args.splits for seed in args.seeds for preset in args.presets]
+    if args.dry_run:
+        for split, seed, preset in plan:
+            run_dir = run_folder(args, split, preset, seed)
+            commands.append(shlex.join(training_command(args, preset, seed, folders[split][0], run_dir)))
+            commands.append(shlex.join(evaluation_command(args, preset, folders[split][1], run_dir)))
+        print("\n".join(commands))
+        return {"commands": commands}
+
+    start = time.perf_counter()
+    records = []
+    for index, (split, seed, preset) in enumerate(plan, start=1):
+        records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
+    rows = summarise(records)
+    table = write_results(rows, records, args)
+    plots = [write_curves(records, split, args.output) for split in args.splits]
+    print(table, end="")
+    print(f"experiment: {len(plan)} runs in {(time.perf_counter() - start) / 60:.1f} min; results in {args.output}")
+    return {"summary": rows, "runs": records, "table": table, "plots": [str(p) for p in plots if p is not None]}
+
+
+if __name__ == "__main__":
+    main()

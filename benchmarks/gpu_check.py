@@ -1,0 +1,221 @@
+"""GPU check of the paper's setting: the uni preset trains and evaluates end to end, with bfloat16 AMP.
+
+    python benchmarks/gpu_check.py [--glas /data/glas] [--iterations 20] [--preset mpamatch] [--uni-checkpoint FILE]
+
+Merges ``configs/train.json`` + ``configs/<preset>.json`` + ``configs/uni.json`` (UNI ViT-L/16 at 0.1x learning rate,
+256 px crops, batch 8 + 8, full CUP decoder), sets AMP to bfloat16 (``amp_kwargs`` of ``train#trainer``,
+``validate#evaluator`` and ``test#evaluator``), trains ``--iterations`` iterations as one epoch (its validation
+writes ``models/model.pt``), evaluates that network with ``configs/evaluate.json`` on ``--test-images`` images, and
+prints training iterations per second (median after ``--warmup`` iterations), validation and evaluation times and
+the peak GPU memory of training and of evaluation. Both workflows run in this process (``monai.bundle
+.ConfigWorkflow``, what ``python -m monai.bundle run`` builds) so that the GPU memory can be read.
+
+UNI weights: ``--uni-checkpoint FILE``, else ``models/uni/pytorch_model.bin``. When that file is absent,
+``encoder_kwargs`` is overridden to ``{}``: ``bundle.networks`` then builds UNI's ViT-L/16 with random weights
+(same architecture, speed and memory; the scores mean nothing), instead of stopping with "encoder checkpoint ... does
+not exist".
+
+Data: the GlaS 10 % split when ``--glas`` (or ``$MPAMATCH_GLAS_DIR``) names a GlaS copy, else the embedded synthetic
+set (generated in the output folder).
+
+Without a GPU it prints one line and exits with status 0. ``--device cpu --extra "--encoder timm --encoder_kwargs
+{'model_name': 'vit_tiny_patch16_224'}"`` runs the same code path on a CPU with a small ViT (a smoke test only).
+
+The full-protocol ablation on a GPU (5 presets x 2 splits x 3 seeds, 8,000 iterations each; see
+``benchmarks/ablation.py``):
+
+    python benchmarks/ablation.py --gpu --glas /data/glas --output runs/ablation_gpu \
+        --extra "--uni_checkpoint /data/uni/pytorch_model.bin"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BF16 = {"dtype": "$torch.bfloat16"}
+GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glas", default=os.environ.get("MPAMATCH_GLAS_DIR", ""), help="GlaS folder (optional)")
+    parser.add_argument("--preset", default="mpamatch", help="ablation preset merged before uni.json (mpamatch)")
+    parser.add_argument("--iterations", type=int, default=20, help="training iterations (20)")
+    parser.add_argument("--warmup", type=int, default=5, help="iterations left out of the speed (5)")
+    parser.add_argument("--test-images", type=int, default=4, help="test images evaluated (4)")
+    parser.add_argument("--uni-checkpoint", help="UNI pytorch_model.bin (default: models/uni/pytorch_model.bin)")
+    parser.add_argument("--output", help="folder for data, logs and weights (a temporary folder by default)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke test of the code path")
+    parser.add_argument("--extra", default="", help='more overrides, "--key value ..."')
+    args = parser.parse_args(argv)
+    if args.iterations <= args.warmup:
+        parser.error("--iterations must be larger than --warmup")
+    return args
+
+
+def extra_overrides(text: str) -> dict[str, Any]:
+    """``--key value`` pairs as config overrides, values read as Python literals where they are (as fire does)."""
+    tokens = shlex.split(text)
+    if len(tokens) % 2 or not all(key.startswith("--") for key in tokens[0::2]):
+        raise SystemExit(f'error: --extra must be pairs of "--key value", got {text!r}')
+
+    def literal(value: str) -> Any:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+
+    return {key[2:]: literal(value) for key, value in zip(tokens[0::2], tokens[1::2])}
+
+
+def prepare_dataset(args: argparse.Namespace, output: Path) -> tuple[Path, str]:
+    """A dataset folder whose test list holds ``--test-images`` images; returns it and a description."""
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    if args.glas and Path(args.glas, "images").is_dir():
+        from bundle.data.glas import prepare_glas
+
+        dataset_dir = output / "glas_10"
+        datalist = prepare_glas(args.glas, dataset_dir, 10, force=True)
+        by_part = [[item for item in datalist["test"] if item["part"] == part] for part in ("testA", "testB")]
+        datalist["test"] = [item for pair in zip(*by_part) for item in pair][: args.test_images]
+        (dataset_dir / "datalist.json").write_text(json.dumps(datalist, indent=4))
+        return dataset_dir, f"GlaS 10 % split from {args.glas}"
+    from bundle.data.synthetic import generate_synthetic_dataset
+
+    dataset_dir = output / "synthetic"
+    generate_synthetic_dataset(str(dataset_dir), num_test=args.test_images)
+    return dataset_dir, "embedded synthetic set (no GlaS copy given)"
+
+
+def uni_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    checkpoint = Path(args.uni_checkpoint or BUNDLE_ROOT / "models" / "uni" / "pytorch_model.bin")
+    if checkpoint.is_file():
+        return {"uni_checkpoint": str(checkpoint)}, f"UNI weights {checkpoint}"
+    return {"encoder_kwargs": {}}, f"random UNI-size weights ({checkpoint} not found; scores mean nothing)"
+
+
+def workflow(files: list[str], run_id: str, overrides: dict[str, Any]):
+    from monai.bundle import ConfigWorkflow
+
+    configs = [str(BUNDLE_ROOT / "configs" / f"{name}.json") for name in files]
+    flow = ConfigWorkflow(config_file=configs, workflow_type=None, run_id=run_id, **overrides)
+    flow.initialize()
+    return flow
+
+
+def timed_iterations(engine, device: str) -> list[float]:
+    """Seconds of each iteration of ``engine``, appended while it runs (GPU work finished at both ends)."""
+    import torch
+    from ignite.engine import Events
+
+    durations: list[float] = []
+    started: list[float] = []
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    engine.add_event_handler(Events.ITERATION_STARTED, lambda _: started.append(now()))
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: durations.append(now() - started[-1]))
+    return durations
+
+
+def peak_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no GPU found (torch.cuda.is_available() is False); nothing was run")
+        return 0
+    output = Path(args.output or tempfile.mkdtemp(prefix="mpamatch_gpu_check_")).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    dataset_dir, data_note = prepare_dataset(args, output)
+    weights, weights_note = uni_overrides(args)
+    extra = extra_overrides(args.extra)
+    if "encoder" in extra or "encoder_kwargs" in extra:
+        weights_note = f"encoder from --extra: {extra.get('encoder', 'uni')} {extra.get('encoder_kwargs', {})}"
+    common = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(output / "run"),
+        "ckpt_dir": str(output / "models"),
+        "device": f"$torch.device('{args.device}')",
+        "amp": True,
+        **weights,
+        **extra,
+    }
+    precision = "bf16 AMP" if args.device == "cuda" else "float32 (AMP is CUDA-only)"
+    print(
+        f"gpu_check: {args.preset} + uni preset on {args.device}, {precision}; {data_note}; {weights_note}", flush=True
+    )
+
+    schedule = {"max_epochs": 1, "epoch_length": args.iterations, "val_interval": 1}
+    bf16 = {"train#trainer#amp_kwargs": BF16, "validate#evaluator#amp_kwargs": BF16}
+    trainer_flow = workflow(["train", args.preset, "uni"], "training", {**common, **schedule, **bf16})
+    trainer = trainer_flow.parser.get_parsed_content("train#trainer")
+    evaluator = trainer_flow.parser.get_parsed_content("validate#evaluator")
+    iteration_seconds = timed_iterations(trainer, args.device)
+    validation_seconds = timed_iterations(evaluator, args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer_flow.run()
+    train_peak = peak_gib(args.device)
+    trainer_flow.finalize()
+    del trainer_flow, trainer, evaluator
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    eval_flow = workflow(
+        ["train", args.preset, "uni", "evaluate"], "run", {**common, "test#evaluator#amp_kwargs": BF16}
+    )
+    test_seconds = timed_iterations(eval_flow.parser.get_parsed_content("test#evaluator"), args.device)
+    eval_flow.run()
+    eval_peak = peak_gib(args.device)
+    metrics = json.loads((output / "run" / "eval" / "metrics.json").read_text())
+
+    median_s = statistics.median(iteration_seconds[args.warmup :])
+    result = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "preset": args.preset,
+        "iterations": len(iteration_seconds),
+        "iterations_per_s": 1.0 / median_s,
+        "median_iteration_s": median_s,
+        "validation_s": sum(validation_seconds),
+        "test_images": metrics["num_images"],
+        "evaluation_s": sum(test_seconds),
+        "peak_gpu_memory_gib_training": train_peak,
+        "peak_gpu_memory_gib_evaluation": eval_peak,
+        "test_gland_dice": metrics["overall"]["dice"],
+        "output": str(output),
+    }
+    memory = "n/a (CPU)" if train_peak is None else f"{train_peak:.1f} GiB training, {eval_peak:.1f} GiB evaluation"
+    print(
+        f"gpu_check: {result['iterations_per_s']:.2f} iterations/s (median of {len(iteration_seconds) - args.warmup} "
+        f"after {args.warmup} warm-up); validation {result['validation_s']:.1f} s; evaluation of "
+        f"{result['test_images']} images {result['evaluation_s']:.1f} s; peak GPU memory {memory}"
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""``benchmarks/ablation.py`` end to end on real GlaS (tiny network, two presets, a few iterations), its resumption,
+its dry run (CPU and ``--gpu`` command sets) and ``benchmarks/gpu_check.py`` without a GPU."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY_NETWORK = (
+    "--encoder_kwargs \"{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'stem_channels': [8, 16, 32]}\" "
+    "--head_channels 32 --decoder_channels [32,16,16,8] --embedding_dim 16 --batch_size 2"
+)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    return load_script("ablation")
+
+
+@pytest.mark.slow
+def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir, ablation, capsys):
+    output = tmp_path / "ablation"
+    argv = ["--glas", str(glas_dir), "--output", str(output), "--data-dir", str(tmp_path / "data")]
+    argv += ["--splits", "10", "--presets", "supervised", "mpamatch", "--seeds", "0", "--iterations", "4"]
+    argv += ["--val-every", "2", "--patch-size", "64", "--downsample", "4", "--max-test-images", "4"]
+    argv += ["--extra", TINY_NETWORK]
+    result = ablation.main(argv)
+
+    table = (output / "results.md").read_text(encoding="utf-8")
+    assert table in capsys.readouterr().out  # printed exactly as written
+    assert [(row["split"], row["preset"]) for row in result["summary"]] == [(10, "supervised"), (10, "mpamatch")]
+    for row in result["summary"]:
+        assert row["iterations"] == 4 and row["seeds"] == [0]
+        for key in ("mdice", "mjaccard", "dice", "object_f1"):
+            assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] == 0.0
+        assert row["train_wall_s"] > 0 and math.isfinite(row["s_per_iteration"])
+        assert f"| {row['split']} % | {row['preset']} | 1 | 4 |" in table
+    with open(output / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(0.0 <= float(row["mdice_mean"]) <= 1.0 for row in rows)
+    assert json.loads((output / "results.json").read_text())["settings"]["iterations"] == 4
+    for run in result["runs"]:
+        assert run["test_images"] == 4
+        assert sorted(run["curves"]["val_dice"]) == [2, 4] and sorted(run["curves"]["loss_x"]) == [1, 2, 3, 4]
+        assert not (Path(run["run_dir"]) / "checkpoints").exists() and (Path(run["run_dir"]) / "models").is_dir()
+    with open(output / "curves_10.csv", newline="") as handle:
+        curves = list(csv.DictReader(handle))
+    assert {(row["preset"], row["curve"]) for row in curves} == {
+        (preset, curve) for preset in ("supervised", "mpamatch") for curve in ("val_dice", "loss_x")
+    }
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (output / "curves_10.png").stat().st_size > 0
+
+    # resumption: a finished run is skipped; a trained but unevaluated run is evaluated, not trained again
+    runs = {run["preset"]: Path(run["run_dir"]) for run in result["runs"]}
+    trained = {preset: (folder / "train_time.json").stat().st_mtime_ns for preset, folder in runs.items()}
+    evaluated = (runs["mpamatch"] / "eval" / "metrics.json").stat().st_mtime_ns
+    (runs["supervised"] / "eval" / "metrics.json").unlink()
+    again = ablation.main(argv)
+    printed = capsys.readouterr().out
+    assert "mpamatch split 10 % seed 0: done before, skipped" in printed
+    assert "supervised split 10 % seed 0: evaluating" in printed and "training 4 iterations" not in printed
+    assert {preset: (folder / "train_time.json").stat().st_mtime_ns for preset, folder in runs.items()} == trained
+    assert (runs["mpamatch"] / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
+    assert again["summary"][1]["mdice"] == result["summary"][1]["mdice"]
+
+    # an output folder holds one setting only
+    changed = list(argv)
+    changed[changed.index("--iterations") + 1] = "6"
+    with pytest.raises(SystemExit, match="other settings"):
+        ablation.main(changed)
+
+
+def test_dry_run_prints_the_documented_commands(tmp_path, ablation, capsys):
+    common = ["--glas", str(tmp_path / "glas"), "--output", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d")]
+    commands = ablation.main(common + ["--dry-run"])["commands"]
+    assert capsys.readouterr().out.split("\n")[:-1] == commands
+    training = [c for c in commands if " run training " in c]
+    evaluation = [c for c in commands if "evaluate.json" in c]
+    assert len(training) == len(evaluation) == 5 * 2 * 2  # presets x splits x seeds (CPU default)
+    for preset in ablation.PRESETS:
+        assert sum(f"configs/{preset}.json" in c for c in training) == 4
+    assert all("--max_epochs 12 --epoch_length 25" in c and "--head_channels 128" in c for c in training)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()  # nothing written
+
+    gpu = ablation.main(common + ["--dry-run", "--gpu", "--splits", "10", "--presets", "mpamatch"])["commands"]
+    gpu_training = [c for c in gpu if " run training " in c]
+    assert len(gpu_training) == 3 and all("configs/uni.json" in c and "--head_channels" not in c for c in gpu_training)
+    assert all("--max_epochs 16 --epoch_length 500" in c and "--patch_size '[256, 256]'" in c for c in gpu_training)
+    assert not any("reduced" in c for c in gpu)  # full-resolution images
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_gpu_check_exits_cleanly_without_a_gpu(capsys):
+    assert load_script("gpu_check").main([]) == 0
+    assert "no GPU found" in capsys.readouterr().out
