@@ -15,7 +15,7 @@ gland Dice) on the 80 GlaS test images and writes, in ``--output``:
 
 - ``results.md`` (printed as written), ``results.csv``, ``results.json``: per split and preset, test mDice,
   mJaccard, gland Dice and object F1 (mean and spread over the seeds), iterations, wall time per training run and
-  seconds per iteration; ``runs.csv``: every run;
+  seconds per iteration; ``runs.csv``: every run (folders relative to ``--output``);
 - ``curves_10.png``, ``curves_20.png``: validation gland Dice and supervised loss (``loss_x``) against iteration,
   one line per preset, mean over seeds (read from each run's TensorBoard events; the values are also written to
   ``curves_<split>.csv``; the PNGs need matplotlib);
@@ -440,10 +440,18 @@ def write_results(rows: list[dict], records: list[dict], args: argparse.Namespac
         flat.update({key: row[key] for key in TIMINGS})
         flat_rows.append(flat)
     write_csv(args.output / "results.csv", flat_rows)
-    write_csv(args.output / "runs.csv", [{k: v for k, v in r.items() if k != "curves"} for r in records])
+    per_run = [{**r, "run_dir": relative(r["run_dir"], args.output)} for r in records]
+    for run in per_run:
+        del run["curves"]
+    write_csv(args.output / "runs.csv", per_run)
     summary = {"settings": experiment_settings(args), "summary": rows, "runs": records}
     (args.output / "results.json").write_text(json.dumps(summary, indent=4, default=str))
     return table
+
+
+def relative(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (runs.csv stays valid when the folder is copied)."""
+    return os.path.relpath(path, root) if Path(path).resolve().is_relative_to(root) else path
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -465,7 +473,7 @@ def moving_average(values: list[float], width: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - width) : i + 1]) for i in range(len(values))]
 
 
-def write_curves(records: list[dict], split: int, output: Path) -> Path | None:
+def write_curves(records: list[dict], split: int, output: Path, validation_images: int) -> Path | None:
     """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None."""
     series = {}
     for preset in PRESETS:
@@ -492,7 +500,11 @@ def write_curves(records: list[dict], split: int, output: Path) -> Path | None:
         dice_axis.plot(*curves["val_dice"], marker="o", markersize=3, label=preset)
         steps, losses = curves["loss_x"]
         loss_axis.plot(steps, moving_average(losses, max(1, len(losses) // 20)), label=preset)
-    dice_axis.set(xlabel="iteration", ylabel="validation gland Dice", title=f"GlaS {split} %: validation (12 images)")
+    dice_axis.set(
+        xlabel="iteration",
+        ylabel="validation gland Dice",
+        title=f"GlaS {split} %: validation ({validation_images} images)",
+    )
     loss_axis.set(xlabel="iteration", ylabel="supervised loss L_x (moving average)", title="training")
     for axis in (dice_axis, loss_axis):
         axis.grid(alpha=0.3)
@@ -540,7 +552,10 @@ def main(argv: list[str] | None = None) -> dict:
         records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
     rows = summarise(records)
     table = write_results(rows, records, args)
-    plots = [write_curves(records, split, args.output) for split in args.splits]
+    plots = [
+        write_curves(records, split, args.output, len(read_json(folders[split][0] / "datalist.json")["validation"]))
+        for split in args.splits
+    ]
     print(table, end="")
     print(f"experiment: {len(plan)} runs in {(time.perf_counter() - start) / 60:.1f} min; results in {args.output}")
     return {"summary": rows, "runs": records, "table": table, "plots": [str(p) for p in plots if p is not None]}

@@ -1,5 +1,6 @@
 """``benchmarks/ablation.py`` end to end on real GlaS (tiny network, two presets, a few iterations), its resumption,
-its dry run (CPU and ``--gpu`` command sets) and ``benchmarks/gpu_check.py`` without a GPU."""
+its dry run (CPU and ``--gpu`` command sets) and ``benchmarks/gpu_check.py`` (without a GPU, and its code path on the
+CPU with a small ViT in place of UNI)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,20 @@ def test_dry_run_prints_the_documented_commands(tmp_path, ablation, capsys):
 def test_gpu_check_exits_cleanly_without_a_gpu(capsys):
     assert load_script("gpu_check").main([]) == 0
     assert "no GPU found" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_code_path_trains_and_evaluates_on_the_cpu(tmp_path, capsys):
+    small = (
+        "--encoder timm --encoder_kwargs \"{'model_name': 'vit_tiny_patch16_224', 'depth': 2}\" --batch_size 1 "
+        "--patch_size [64,64] --head_channels 32 --decoder_channels [32,16,16,8] --embedding_dim 16 "
+        "--num_workers 0 --sw_batch_size 8"
+    )
+    argv = ["--device", "cpu", "--glas", "", "--iterations", "3", "--warmup", "1", "--test-images", "2"]
+    assert load_script("gpu_check").main(argv + ["--output", str(tmp_path), "--extra", small]) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    assert "encoder from --extra: timm" in printed[0] and "float32" in printed[0]
+    result = json.loads(printed[-1])
+    assert result["iterations"] == 3 and result["test_images"] == 2 and result["iterations_per_s"] > 0
+    assert 0.0 <= result["test_gland_dice"] <= 1.0 and result["peak_gpu_memory_gib_training"] is None
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "run" / "eval" / "metrics.json").is_file()
