@@ -60,14 +60,9 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 
+from benchmarks.network_sizes import TINY_NETWORK  # noqa: E402
 from benchmarks.process_memory import peak_rss_mb, reset_peak_rss, rss_mb, sync  # noqa: E402
 
-TINY_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
-    "head_channels": 32,
-    "decoder_channels": [32, 16, 16, 8],
-    "embedding_dim": 16,
-}
 METHODS = ("sliding-window", "blocks", "naive")
 MIN_AGREEMENT = 0.99
 

@@ -82,14 +82,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 
+from benchmarks.network_sizes import TINY_NETWORK  # noqa: E402
 from benchmarks.process_memory import peak_rss_mb, reset_peak_rss, rss_mb, sync  # noqa: E402
 
-TINY_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
-    "head_channels": 32,
-    "decoder_channels": [32, 16, 16, 8],
-    "embedding_dim": 16,
-}
 REFERENCE = "reference"
 MEMORY_ITERATIONS = 3
 TARGET_VS_REFERENCE = 0.9

@@ -12,19 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_benchmarks import load_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_NETWORK = (
     "--encoder_kwargs \"{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'stem_channels': [8, 16, 32]}\" "
     "--head_channels 32 --decoder_channels [32,16,16,8] --embedding_dim 16 --batch_size 2"
 )
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
