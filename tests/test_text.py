@@ -452,8 +452,10 @@ def test_conch_adapter_wiring_with_a_stand_in_package(monkeypatch, tmp_path, tin
         assert (model_name, return_transform) == ("conch_ViT-B-16", False)
         if open(checkpoint_path, "rb").read() == b"broken":
             raise RuntimeError("Error(s) in loading state_dict for CoCa:\n\tMissing key(s) ...")
-        torch.manual_seed(0)
+        torch.manual_seed(1)
         created["model"] = open_clip.create_model("mpamatch-test-cls", pretrained_text=False).eval()
+        # as CONCH's loader: whatever the file holds is loaded with strict=False
+        created["model"].load_state_dict(torch.load(checkpoint_path, weights_only=True), strict=False)
         return created["model"]
 
     def tokenize(tokenizer, texts):  # CONCH appends a placeholder for the class token
@@ -471,8 +473,18 @@ def test_conch_adapter_wiring_with_a_stand_in_package(monkeypatch, tmp_path, tin
     missing.write_bytes(b"broken")
     with pytest.raises(BundleInputError, match=f"CONCH checkpoint {missing} cannot be loaded.*Error"):
         CONCHTextEncoder(str(missing))
-    missing.write_bytes(b"weights")
+    torch.manual_seed(0)
+    weights = open_clip.create_model("mpamatch-test-cls", pretrained_text=False).state_dict()
+    # a file without the text tower (here: the image tower only) would leave a random text tower behind
+    torch.save({k: v for k, v in weights.items() if not k.startswith("text.")}, missing)
+    text_keys = sum(k.startswith("text.") for k in weights)
+    with pytest.raises(
+        BundleInputError, match=f"{missing} is not a CONCH text tower: {text_keys} of its {text_keys} t"
+    ):
+        CONCHTextEncoder(str(missing))
+    torch.save(weights, missing)
     adapter = CONCHTextEncoder(str(missing))
+    torch.testing.assert_close(created["model"].text.token_embedding.weight, weights["text.token_embedding.weight"])
     tokens = adapter.tokenize(DESCRIPTIONS)
     assert tokens["input_ids"].shape == (2, 76) and adapter.max_length == 76
     with torch.no_grad():
