@@ -29,6 +29,7 @@ from bundle.data.transforms import (
     RandGaussianBlurd,
     RandGrayscaled,
     RandHEDJitterd,
+    RandZoomCropd,
     hed_jitter,
 )
 from bundle.errors import BundleInputError, find_input_error
@@ -507,13 +508,60 @@ def test_blur_keeps_constant_images_where_monai_smoothing_darkens_the_border():
     assert torch.allclose(spread[0, 15, 20], spread[0, 17, 20]) and torch.allclose(spread[0, 16, 19], spread[0, 16, 21])
 
 
+# ------------------------------------------------------------------------------------------------- zoom and crop
+
+
+def _ramp(height: int, width: int) -> MetaTensor:
+    """Channel 0 is the row number, channel 1 the column number."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return MetaTensor(torch.stack([rows, cols]).float())
+
+
+def test_zoom_crop_at_zoom_one_is_a_plain_crop_and_every_key_gets_the_same_window():
+    image, label = _ramp(40, 50), MetaTensor((torch.arange(40 * 50).reshape(1, 40, 50) % 2).long())
+    crop = RandZoomCropd(["image", "label"], roi_size=(16, 24), mode=["bilinear", "nearest-exact"])
+    for seed in range(5):
+        out = crop.set_random_state(seed)({"image": image, "label": label})
+        top, left = int(out["image"][0, 0, 0]), int(out["image"][1, 0, 0])
+        assert torch.equal(out["image"].as_tensor(), image[:, top : top + 16, left : left + 24].as_tensor())
+        assert torch.equal(out["label"].as_tensor(), label[:, top : top + 16, left : left + 24].as_tensor())
+
+
+def test_zoom_crop_scales_by_the_zoom_factor():
+    """A ramp of slope 1 comes out with slope 1 / zoom: 0.5 at zoom 2, 2 at zoom 0.5 (bilinear, away from borders)."""
+    for zoom, slope in ((2.0, 0.5), (0.5, 2.0)):
+        crop = RandZoomCropd("image", roi_size=(16, 16), min_zoom=zoom, max_zoom=zoom)
+        out = crop.set_random_state(1)({"image": _ramp(200, 200)})["image"]
+        assert tuple(out.shape) == (2, 16, 16)
+        torch.testing.assert_close(out[0, 2:-2, 5].diff(), torch.full((11,), slope), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[1, 5, 2:-2].diff(), torch.full((11,), slope), atol=1e-4, rtol=0)
+
+
+def test_zoom_crop_pads_small_images_symmetrically():
+    small = torch.arange(30, dtype=torch.float32).reshape(1, 5, 6)
+    out = RandZoomCropd("image", roi_size=(9, 10))({"image": MetaTensor(small)})["image"]
+    expected = np.pad(small.numpy(), ((0, 0), (2, 2), (2, 2)), mode="symmetric")
+    assert np.array_equal(out.numpy(), expected)
+    tiny = RandZoomCropd("image", roi_size=(8, 8), min_zoom=20.0, max_zoom=20.0)(
+        {"image": MetaTensor(torch.ones(3, 1, 1))}
+    )
+    assert tuple(tiny["image"].shape) == (3, 8, 8) and bool((tiny["image"] == 1).all())
+
+
+def test_zoom_crop_settings_are_checked():
+    with pytest.raises(BundleInputError, match="zoom_range must satisfy 0 < min <= max"):
+        RandZoomCropd("image", roi_size=(8, 8), min_zoom=1.5, max_zoom=0.5)
+    with pytest.raises(BundleInputError, match="patch_size must be two positive sizes"):
+        RandZoomCropd("image", roi_size=(8, 0))
+
+
 # ----------------------------------------------------------------------------------------------------- pipeline
 
 PATCH = [96, 96]
 
 
 def weak_transforms(image_keys: list[str], label_keys: list[str], patch: list[int]) -> list[dict]:
-    """The weak (geometric) training chain as MONAI config JSON, exactly as reported to the lead."""
+    """The weak (geometric) training chain as MONAI config JSON, as in ``configs/train.json``."""
     keys = image_keys + label_keys
     chain = [
         {
@@ -546,16 +594,13 @@ def weak_transforms(image_keys: list[str], label_keys: list[str], patch: list[in
             "clip": True,
         },
         {
-            "_target_": "RandZoomd",
+            "_target_": "bundle.data.transforms.RandZoomCropd",
             "keys": keys,
-            "prob": 1.0,
+            "roi_size": patch,
             "min_zoom": 0.5,
             "max_zoom": 2.0,
-            "keep_size": False,
             "mode": ["bilinear"] * len(image_keys) + ["nearest-exact"] * len(label_keys),
         },
-        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": patch, "mode": "symmetric"},
-        {"_target_": "RandSpatialCropd", "keys": keys, "roi_size": patch, "random_size": False},
         {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
         {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 1},
         {"_target_": "RandRotate90d", "keys": keys, "prob": 0.5, "max_k": 3},

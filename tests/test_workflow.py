@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.engines import IterationEvents
 
-from bundle.data.synthetic import generate_synthetic_dataset
+from bundle.errors import BundleInputError
 from bundle.prepare import main as prepare_main
 
 TINY_NETWORK = {
@@ -54,13 +55,6 @@ def small_overrides(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
 def config_files(*presets: str) -> list[str]:
     root = Path(__file__).resolve().parents[1] / "configs"
     return [str(root / "train.json")] + [str(root / f"{name}.json") for name in presets]
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    generate_synthetic_dataset(out, image_size=96, num_labelled=3, num_unlabeled=4, num_validation=2, num_test=1)
-    return out
 
 
 def make_workflow(files, run_id: str = "run", **overrides) -> ConfigWorkflow:
@@ -189,10 +183,32 @@ def test_uni_preset_builds_the_paper_setting():
     parser["bundle_root"] = "/opt/bundle"
     assert parser.get_parsed_content("encoder") == "uni"
     assert parser.get_parsed_content("encoder_kwargs") == {
-        "checkpoint_path": "/opt/bundle/models/uni/pytorch_model.bin"
+        "checkpoint_path": "/opt/bundle/models/uni/pytorch_model.bin",
+        "from_hub": False,
     }
     assert parser.get_parsed_content("patch_size") == [256, 256]
     assert parser.get_parsed_content("encoder_lr_scale") == 0.1
+    # the README's hub recipe, --encoder_kwargs#from_hub True: the hub replaces the preset's local file
+    parser["encoder_kwargs#from_hub"] = True
+    assert parser.get_parsed_content("encoder_kwargs", lazy=False) == {"checkpoint_path": None, "from_hub": True}
+
+    # on a GPU the loaders use persistent workers (one core per rank left to the main process) and pinned memory
+    parser["device"] = "$torch.device('cuda', 0)"
+    workers = parser.get_parsed_content("num_workers", lazy=False)
+    assert 1 <= workers <= 8 and workers <= max(1, (os.cpu_count() or 2) - 1)
+    assert parser.get_parsed_content("persistent_workers", lazy=False) is True
+    assert parser.get_parsed_content("pin_memory", lazy=False) is True
+    parser["device"] = "$torch.device('cpu')"
+    assert parser.get_parsed_content("num_workers", lazy=False) == 0
+    assert parser.get_parsed_content("persistent_workers", lazy=False) is False
+    assert parser.get_parsed_content("pin_memory", lazy=False) is False
+
+
+def test_uni_hub_option_must_be_a_boolean():
+    from bundle.networks.encoders.vit import build_uni_encoder
+
+    with pytest.raises(BundleInputError, match="encoder option from_hub must be True or False, got 'true'"):
+        build_uni_encoder(from_hub="true")
 
 
 def test_config_pipelines_keep_image_and_label_aligned(synthetic_dir):

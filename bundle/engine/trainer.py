@@ -28,18 +28,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.data.utils import set_rnd
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.engines.workflow import Workflow
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Transform
 from monai.utils import set_determinism
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from bundle.data.cutmix import CutMix, roll_source
 from bundle.engine.distributed import rank
@@ -82,6 +84,13 @@ def frozen_norm_statistics(network: torch.nn.Module, frozen: bool = True) -> Ite
                 m.num_batches_tracked.copy_(tracked)
 
 
+def _set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """``set_epoch`` of a loader's sampler where it has one (``EpochSampler``, ``DistributedSampler``)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor: MONAI's MetaTensor metadata is not needed inside an iteration and slows slicing."""
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
@@ -101,13 +110,14 @@ class SemiSupervisedTrainer(Trainer):
         cutmix: the :class:`bundle.data.cutmix.CutMix` applied to the strong views (None: no CutMix).
         cutmix_source: "rolled" (the unlabelled batch rolled by one) or "batch" (another unlabelled batch,
             predicted in eval mode).
-        amp: mixed precision on CUDA (ignored, with a log line, on a CPU).
+        amp: mixed precision on CUDA (ignored, with a log line, on a CPU); ``amp_kwargs={"dtype": ...}`` chooses
+            bfloat16 (no gradient scaler) or float16 (with one).
         strong_keys: keys of the two strong views in the unlabelled batch.
         channels_last: move image batches to the channels-last memory format.
         strong_views_update_norm_stats: let the strong views' forward update batch-norm running statistics
             (UniMatch's code does; by default they do not, see :func:`frozen_norm_statistics`).
-        seed: when given, at the start of every epoch the global random generators, the random state of every
-            transform of both loaders' datasets and both loaders' iterators are reset from ``seed + epoch``.
+        seed: when given, at the start of every epoch the global random generators and the random state of every
+            transform of both loaders' datasets are reset from ``(seed, epoch)``; both loaders restart every epoch.
         last_checkpoint: the resumable checkpoint the run writes, named in the error when the loss stops being
             finite.
     """
@@ -187,12 +197,20 @@ class SemiSupervisedTrainer(Trainer):
         self.unlabeled_epoch = 0
         self.seed = None if seed is None else int(seed)
         self.last_checkpoint = last_checkpoint
-        if self.seed is not None:
-            self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
+        self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
         if self.semi_supervised:
             logger.info("semi-supervised training: labelled and unlabelled batches each iteration")
         else:
             logger.info("no unlabelled data: supervised training")
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; a gradient scaler only where it is needed: float16 autocast (bfloat16 has float32's range)."""
+        float16 = self.amp and self._amp_dtype() == torch.float16
+        self.scaler = torch.amp.GradScaler(self.state.device.type) if float16 else None
+        Workflow.run(self)
+
+    def _amp_dtype(self) -> torch.dtype:
+        return self.amp_kwargs.get("dtype", torch.get_autocast_dtype(self.state.device.type))
 
     @property
     def semi_supervised(self) -> bool:
@@ -220,23 +238,27 @@ class SemiSupervisedTrainer(Trainer):
             return next(self._unlabeled_iter)
 
     def _set_unlabeled_epoch(self) -> None:
-        sampler = getattr(self.unlabeled_data_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self.unlabeled_epoch)
+        _set_sampler_epoch(self.unlabeled_data_loader, self.unlabeled_epoch)
 
-    def _seed_epoch(self, engine: SemiSupervisedTrainer) -> None:
-        """Reset every source of randomness from ``(seed, epoch, rank)`` and restart both loaders.
+    def _start_epoch(self, engine: SemiSupervisedTrainer) -> None:
+        """Set both loaders' sampler epochs and restart them; with a ``seed``, first reset every source of randomness
+        from ``(seed, epoch, rank)``.
 
-        Each rank of a distributed run gets its own stream, so that ranks do not augment in lockstep.
+        The epoch's seeds come from numpy's ``SeedSequence`` of that triple, so two seeds never share an epoch's
+        stream (``seed + epoch`` would replay seed 0's epoch e + 1 as seed 1's epoch e), and each rank of a
+        distributed run gets its own stream, so that ranks do not augment in lockstep.
         """
-        epoch_seed = self.seed + engine.state.epoch
-        set_determinism(seed=epoch_seed + 100_003 * rank())
-        next_seed = epoch_seed * 7919 + 104_729 * rank()  # transform states: apart from the global generators'
-        for loader in (engine.data_loader, self.unlabeled_data_loader):
-            if loader is not None and hasattr(loader, "dataset"):
-                next_seed = set_rnd(loader.dataset, seed=next_seed)
+        epoch = engine.state.epoch
+        if self.seed is not None:
+            global_seed, transform_seed = np.random.SeedSequence([self.seed, epoch, rank()]).generate_state(2)
+            set_determinism(seed=int(global_seed))
+            next_seed = int(transform_seed)  # transform states: apart from the global generators'
+            for loader in (engine.data_loader, self.unlabeled_data_loader):
+                if loader is not None and hasattr(loader, "dataset"):
+                    next_seed = set_rnd(loader.dataset, seed=next_seed)
+        _set_sampler_epoch(engine.data_loader, epoch)
         engine.set_data(engine.data_loader)
-        self.unlabeled_epoch = engine.state.epoch * _UNLABELED_EPOCHS_PER_EPOCH
+        self.unlabeled_epoch = epoch * _UNLABELED_EPOCHS_PER_EPOCH
         self._unlabeled_iter = None
 
     def _logged_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -275,7 +297,7 @@ class SemiSupervisedTrainer(Trainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+        autocast = torch.autocast(engine.state.device.type, **engine.amp_kwargs) if engine.amp else nullcontext()
         with autocast:
             if unlabeled is None:
                 step = engine._supervised_forward(images, labels)
@@ -283,22 +305,21 @@ class SemiSupervisedTrainer(Trainer):
                 step = engine._semi_supervised_forward(images, labels, unlabeled)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(step, engine.state.iteration)
-        logged_terms = engine._logged_terms(terms)
         loss = terms["loss"]
         engine.state.output[Keys.PRED] = step.logits_x.detach()
         engine.state.output[Keys.LOSS] = loss.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        scaler = engine.scaler if engine.amp else None
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        # the one device-to-host transfer of the iteration, after the backward pass is queued and before the step
+        engine.state.output["loss_terms"] = engine._logged_terms(terms)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if scaler is None:
             engine.optimizer.step()
-        engine.state.output["loss_terms"] = logged_terms
+        else:
+            scaler.step(engine.optimizer)
+            scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

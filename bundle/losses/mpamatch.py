@@ -161,13 +161,13 @@ class MPAMatchLoss(nn.Module):
             total = (terms["loss_x"] + terms["loss_u"]) / 2.0
             valid_w = out.valid_w if out.valid_w is not None else torch.ones_like(reliable_w)
             terms["reliable_ratio"] = (reliable_w & valid_w).float().sum() / valid_w.float().sum().clamp_min(1)
-            terms["threshold"] = torch.tensor(tau)
+            terms["threshold"] = terms["loss_x"].new_tensor(tau)  # on the device: logged with the others
         else:
             total = terms["loss_x"]
         if self.needs_embedding:
             prototype_total = self._prototype_terms(out, label_x, tau, terms)
             ramp = self.prototype_ramp(iteration)
-            terms["prototype_ramp"] = torch.tensor(ramp)
+            terms["prototype_ramp"] = terms["loss_x"].new_tensor(ramp)
             total = total + ramp * prototype_total
         terms["loss"] = total
         return terms

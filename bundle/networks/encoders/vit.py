@@ -176,6 +176,8 @@ def build_uni_encoder(
     """
     if in_channels != 3:
         raise BundleInputError(f"the uni encoder takes RGB images (in_channels 3), got in_channels {in_channels}")
+    if not isinstance(from_hub, bool):
+        raise BundleInputError(f"encoder option from_hub must be True or False, got {from_hub!r}")
     if checkpoint_path is not None and from_hub:
         raise BundleInputError("encoder options checkpoint_path and from_hub=True exclude each other for uni")
     arch = dict(UNI_ARCH)
