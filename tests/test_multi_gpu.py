@@ -25,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DUMP_STATES = {
     "finalize": [
         "$torch.save({'network': @network_def.state_dict(), 'criterion': @criterion.state_dict(), "
-        "'iteration': @train#trainer.state.iteration, 'indices': list(@train#sampler)}, "
+        "'iteration': @train#trainer.state.iteration, 'draws': list(@train#sampler), "
+        "'unlabeled': [item['image'] for item in @train#unlabeled#dataset#data]}, "
         "os.path.join(@output_dir, f'rank{dist.get_rank()}.pt'))",
         "$dist.destroy_process_group()",
     ]
@@ -38,7 +39,13 @@ def test_two_process_torchrun_on_cpu(tmp_path, preset):
     data = tmp_path / "data"
     generate_synthetic_dataset(data, image_size=96, num_labelled=4, num_unlabeled=4, num_validation=2, num_test=1)
     dump = tmp_path / "dump.json"
-    dump.write_text(json.dumps(DUMP_STATES))
+    states = dict(DUMP_STATES)
+    if preset == "mpamatch":  # rank 1 starts from other prompt context vectors: rank 0's must reach it
+        states["criterion"] = (
+            "$(@loss.to(@device), torch.nn.init.normal_(@loss.prompt_learner.ctx, std=1.0) "
+            "if torch.distributed.get_rank() == 1 else None)[0]"
+        )
+    dump.write_text(json.dumps(states))
     configs = [str(REPO_ROOT / "configs" / name) for name in ("train.json", f"{preset}.json", "multi_gpu_train.json")]
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args += ["-m", "monai.bundle", "run", "training", "--config_file", repr(configs + [str(dump)])]
@@ -52,7 +59,14 @@ def test_two_process_torchrun_on_cpu(tmp_path, preset):
     out = tmp_path / "out"
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["iteration"] == rank1["iteration"] == 4
-    assert set(rank0["indices"]).isdisjoint(rank1["indices"])  # each rank draws its own labelled shard
+    # the ranks' labelled draws of an epoch interleave: together 2 whole passes over the 4 images, seeds all distinct
+    draws = rank0["draws"] + rank1["draws"]
+    assert len(rank0["draws"]) == len(rank1["draws"]) == 4 and sorted(i for i, _ in draws) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len({seed for _, seed in draws}) == 8
+    # each rank cached its own half of the unlabelled pool
+    assert len(rank0["unlabeled"]) == len(rank1["unlabeled"]) == 2
+    pool = [Path(item["image"]).name for item in json.loads((data / "datalist.json").read_text())["unlabeled"]]
+    assert sorted(Path(image).name for image in rank0["unlabeled"] + rank1["unlabeled"]) == sorted(pool)
     for part in ("network", "criterion"):
         assert rank0[part].keys() == rank1[part].keys()
         for name, tensor in rank0[part].items():

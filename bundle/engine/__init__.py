@@ -16,8 +16,10 @@ _EXPORTS = {
     "SemiSupervisedTrainer": "trainer",
     "TrainingCheckpointLoader": "checkpoint",
     "TrainingCheckpointSaver": "checkpoint",
+    "ddp_module": "distributed",
     "handlers_for_rank": "distributed",
     "optimizer_param_groups": "optim",
+    "rank_shard": "distributed",
 }
 
 __all__ = sorted(_EXPORTS)
