@@ -1,14 +1,23 @@
-"""GPU check of the paper's setting: the uni preset trains and evaluates end to end, with bfloat16 AMP.
+"""GPU check of the paper's setting: the uni preset trains and evaluates end to end, in the precision it trains in.
 
     python benchmarks/gpu_check.py [--glas /data/glas] [--iterations 20] [--preset mpamatch] [--uni-checkpoint FILE]
 
 Merges ``configs/train.json`` + ``configs/<preset>.json`` + ``configs/uni.json`` (UNI ViT-L/16 at 0.1x learning rate,
-256 px crops, batch 8 + 8, full CUP decoder), sets AMP to bfloat16 (``amp_kwargs`` of ``train#trainer``,
-``validate#evaluator`` and ``test#evaluator``), trains ``--iterations`` iterations as one epoch (its validation
-writes ``models/model.pt``), evaluates that network with ``configs/evaluate.json`` on ``--test-images`` images, and
-prints training iterations per second (median after ``--warmup`` iterations), validation and evaluation times and
-the peak GPU memory of training and of evaluation. Both workflows run in this process (``monai.bundle
-.ConfigWorkflow``, what ``python -m monai.bundle run`` builds) so that the GPU memory can be read.
+256 px crops, batch 8 + 8, full CUP decoder, the loaders' GPU settings), trains ``--iterations`` iterations as one
+epoch (its validation writes ``models/model.pt``), evaluates that network with ``configs/evaluate.json`` on
+``--test-images`` images, and prints:
+
+- training iterations per second: the median time from one ``ITERATION_COMPLETED`` to the next after ``--warmup``
+  iterations, so waiting for the loaders counts (the GPU work is finished at every stamp);
+- beside it, the loaders alone: the same trainer's labelled and unlabelled loaders drawing ``--iterations`` batch
+  pairs with no GPU work (if that rate is close to the training rate, training is data-bound: raise
+  ``num_workers``);
+- the precision the preset trains in (``amp`` and ``amp_dtype`` of the config: bfloat16 autocast where the GPU
+  supports it, else float16 with a gradient scaler), validation and evaluation times and the peak GPU memory of
+  training and of evaluation.
+
+Both workflows run in this process (``monai.bundle.ConfigWorkflow``, what ``python -m monai.bundle run`` builds) so
+that the GPU memory can be read.
 
 UNI weights: ``--uni-checkpoint FILE``, else ``models/uni/pytorch_model.bin``. When that file is absent,
 ``encoder_kwargs`` is overridden to ``{}``: ``bundle.networks`` then builds UNI's ViT-L/16 with random weights
@@ -43,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-BF16 = {"dtype": "$torch.bfloat16"}
 GIB = 1024**3
 
 
@@ -114,22 +122,51 @@ def workflow(files: list[str], run_id: str, overrides: dict[str, Any]):
     return flow
 
 
-def timed_iterations(engine, device: str) -> list[float]:
-    """Seconds of each iteration of ``engine``, appended while it runs (GPU work finished at both ends)."""
+def sync_clock(device: str) -> float:
     import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def iteration_intervals(engine, device: str) -> list[float]:
+    """Seconds from one ``ITERATION_COMPLETED`` of ``engine`` to the next (loader waits included), appended while it
+    runs; the first interval starts at ``EPOCH_STARTED``."""
     from ignite.engine import Events
 
-    durations: list[float] = []
+    intervals: list[float] = []
+    last: list[float] = []
+
+    def stamp(_) -> None:
+        now = sync_clock(device)
+        intervals.append(now - last[-1])
+        last.append(now)
+
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda _: last.append(sync_clock(device)))
+    engine.add_event_handler(Events.ITERATION_COMPLETED, stamp)
+    return intervals
+
+
+def run_seconds(engine, device: str) -> list[float]:
+    """Seconds of each run of ``engine`` (``STARTED`` to ``COMPLETED``), appended while it runs."""
+    from ignite.engine import Events
+
+    seconds: list[float] = []
     started: list[float] = []
+    engine.add_event_handler(Events.STARTED, lambda _: started.append(sync_clock(device)))
+    engine.add_event_handler(Events.COMPLETED, lambda _: seconds.append(sync_clock(device) - started[-1]))
+    return seconds
 
-    def now() -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
-    engine.add_event_handler(Events.ITERATION_STARTED, lambda _: started.append(now()))
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: durations.append(now() - started[-1]))
-    return durations
+def precision(parser, device: str) -> str:
+    """What the trainer's autocast runs in, from the parsed config (the trainer turns AMP off on a CPU)."""
+    import torch
+
+    if device != "cuda" or not parser.get_parsed_content("amp"):
+        return "float32"
+    dtype = parser.get_parsed_content("amp_dtype")
+    return {torch.bfloat16: "bfloat16 AMP", torch.float16: "float16 AMP with a gradient scaler"}.get(dtype, str(dtype))
 
 
 def peak_gib(device: str) -> float | None:
@@ -141,6 +178,9 @@ def peak_gib(device: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data_loading import draw
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no GPU found (torch.cuda.is_available() is False); nothing was run")
@@ -158,47 +198,50 @@ def main(argv: list[str] | None = None) -> int:
         "output_dir": str(output / "run"),
         "ckpt_dir": str(output / "models"),
         "device": f"$torch.device('{args.device}')",
-        "amp": True,
         **weights,
         **extra,
     }
-    precision = "bf16 AMP" if args.device == "cuda" else "float32 (AMP is CUDA-only)"
-    print(
-        f"gpu_check: {args.preset} + uni preset on {args.device}, {precision}; {data_note}; {weights_note}", flush=True
-    )
-
     schedule = {"max_epochs": 1, "epoch_length": args.iterations, "val_interval": 1}
-    bf16 = {"train#trainer#amp_kwargs": BF16, "validate#evaluator#amp_kwargs": BF16}
-    trainer_flow = workflow(["train", args.preset, "uni"], "training", {**common, **schedule, **bf16})
+    trainer_flow = workflow(["train", args.preset, "uni"], "training", {**common, **schedule})
     trainer = trainer_flow.parser.get_parsed_content("train#trainer")
     evaluator = trainer_flow.parser.get_parsed_content("validate#evaluator")
-    iteration_seconds = timed_iterations(trainer, args.device)
-    validation_seconds = timed_iterations(evaluator, args.device)
+    trained_in = precision(trainer_flow.parser, args.device)
+    workers = trainer_flow.parser.get_parsed_content("num_workers")
+    print(
+        f"gpu_check: {args.preset} + uni preset on {args.device}, {trained_in}, {workers} loader workers; {data_note}; "
+        f"{weights_note}",
+        flush=True,
+    )
+    intervals = iteration_intervals(trainer, args.device)
+    validation_seconds = run_seconds(evaluator, args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer_flow.run()
     train_peak = peak_gib(args.device)
+    # the same loaders, warm, with nothing else to do
+    loading_s = draw(trainer.data_loader, trainer.unlabeled_data_loader, args.iterations, epochs=1)
     trainer_flow.finalize()
     del trainer_flow, trainer, evaluator
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    eval_flow = workflow(
-        ["train", args.preset, "uni", "evaluate"], "run", {**common, "test#evaluator#amp_kwargs": BF16}
-    )
-    test_seconds = timed_iterations(eval_flow.parser.get_parsed_content("test#evaluator"), args.device)
+    eval_flow = workflow(["train", args.preset, "uni", "evaluate"], "run", common)
+    test_seconds = run_seconds(eval_flow.parser.get_parsed_content("test#evaluator"), args.device)
     eval_flow.run()
     eval_peak = peak_gib(args.device)
     metrics = json.loads((output / "run" / "eval" / "metrics.json").read_text())
 
-    median_s = statistics.median(iteration_seconds[args.warmup :])
+    median_s = statistics.median(intervals[args.warmup :])
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "preset": args.preset,
-        "iterations": len(iteration_seconds),
+        "precision": trained_in,
+        "num_workers": workers,
+        "iterations": len(intervals),
         "iterations_per_s": 1.0 / median_s,
         "median_iteration_s": median_s,
+        "data_loading_iterations_per_s": args.iterations / loading_s,
         "validation_s": sum(validation_seconds),
         "test_images": metrics["num_images"],
         "evaluation_s": sum(test_seconds),
@@ -209,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     memory = "n/a (CPU)" if train_peak is None else f"{train_peak:.1f} GiB training, {eval_peak:.1f} GiB evaluation"
     print(
-        f"gpu_check: {result['iterations_per_s']:.2f} iterations/s (median of {len(iteration_seconds) - args.warmup} "
-        f"after {args.warmup} warm-up); validation {result['validation_s']:.1f} s; evaluation of "
-        f"{result['test_images']} images {result['evaluation_s']:.1f} s; peak GPU memory {memory}"
+        f"gpu_check: {result['iterations_per_s']:.2f} iterations/s (median of {len(intervals) - args.warmup} "
+        f"after {args.warmup} warm-up, loader waits included); the loaders alone "
+        f"{result['data_loading_iterations_per_s']:.2f} batch pairs/s; validation {result['validation_s']:.1f} s; "
+        f"evaluation of {result['test_images']} images {result['evaluation_s']:.1f} s; peak GPU memory {memory}"
     )
     print(json.dumps(result))
     return 0

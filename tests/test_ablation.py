@@ -113,9 +113,11 @@ def test_gpu_check_code_path_trains_and_evaluates_on_the_cpu(tmp_path, capsys):
     )
     argv = ["--device", "cpu", "--glas", "", "--iterations", "3", "--warmup", "1", "--test-images", "2"]
     assert load_script("gpu_check").main(argv + ["--output", str(tmp_path), "--extra", small]) == 0
-    printed = capsys.readouterr().out.strip().split("\n")
-    assert "encoder from --extra: timm" in printed[0] and "float32" in printed[0]
+    printed = [line for line in capsys.readouterr().out.strip().split("\n") if line.startswith(("gpu_check", "{"))]
+    assert "encoder from --extra: timm" in printed[0] and "float32, 0 loader workers" in printed[0]
     result = json.loads(printed[-1])
-    assert result["iterations"] == 3 and result["test_images"] == 2 and result["iterations_per_s"] > 0
+    assert result["iterations"] == 3 and result["test_images"] == 2 and result["precision"] == "float32"
+    assert math.isclose(result["iterations_per_s"] * result["median_iteration_s"], 1.0)
+    assert "data_loading_iterations_per_s" in result and "loaders alone" in printed[-2]
     assert 0.0 <= result["test_gland_dice"] <= 1.0 and result["peak_gpu_memory_gib_training"] is None
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "run" / "eval" / "metrics.json").is_file()
