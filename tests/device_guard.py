@@ -19,7 +19,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-CHECKED = tuple(str(BUNDLE / part) for part in ("losses", "engine", "networks", "text", "data/cutmix.py"))
+LOSS_AND_ENGINE = (str(BUNDLE / "losses"), str(BUNDLE / "engine"))
+CHECKED = (*LOSS_AND_ENGINE, *(str(BUNDLE / part) for part in ("networks", "text", "data/cutmix.py")))
 FACTORIES = {
     torch.tensor,
     torch.as_tensor,
@@ -60,4 +61,42 @@ class DeviceGuard(TorchFunctionMode):
                     self.violations.append(
                         f"{Path(where).relative_to(BUNDLE.parent)}:{caller.f_lineno} {func.__name__}"
                     )
+        return func(*args, **kwargs)
+
+
+SYNCS = {
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+}
+
+
+class SyncRecorder(TorchFunctionMode):
+    """Records ``file:function operation`` for every operation in the loss and engine code that reads tensor data
+    back to the host (on a GPU: waits for the device): ``bool()``, ``int()``, ``.item()``, ``.tolist()``,
+    ``nonzero`` and indexing with a boolean mask. CutMix draws its boxes on the CPU and is left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        caller = sys._getframe(1)
+        where = caller.f_code.co_filename
+        if where.startswith(LOSS_AND_ENGINE):
+            boolean_index = func is torch.Tensor.__getitem__ and any(
+                isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                for index in (args[1] if isinstance(args[1], tuple) else (args[1],))
+            )
+            if func in SYNCS or boolean_index:
+                name = "boolean index" if boolean_index else func.__name__
+                self.sites.append(f"{Path(where).relative_to(BUNDLE.parent)}:{caller.f_code.co_name} {name}")
         return func(*args, **kwargs)

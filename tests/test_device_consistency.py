@@ -13,8 +13,9 @@ import math
 
 import pytest
 import torch
-from device_guard import BUNDLE, DeviceGuard
+from device_guard import BUNDLE, DeviceGuard, SyncRecorder
 from ignite.engine import Events
+from monai.engines.utils import IterationEvents
 from test_workflow import config_files, make_workflow, record_terms, small_overrides
 
 PRESETS = ["supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch"]
@@ -63,3 +64,28 @@ def test_the_guard_names_factory_calls_that_leave_the_device_to_the_default():
         exec(compile(snippet, str(BUNDLE / "data" / "transforms.py"), "exec"), {"torch": torch, "x": torch.ones(1)})
     assert guard.violations == ["bundle/losses/mpamatch.py:1 tensor"]
     assert guard.checked_calls == 3
+
+
+def test_an_mpamatch_iteration_reads_the_device_twice(tmp_path, synthetic_dir):
+    """Each read of device data stalls a GPU pipeline: the loss and the engine read the class counts of the pixel
+    sampling and, after the backward pass is queued, the logged terms; nothing else."""
+    workflow = make_workflow(
+        config_files("mpamatch"),
+        **small_overrides(
+            tmp_path, synthetic_dir, max_epochs=1, epoch_length=2, threshold_warmup_iterations=0, val_interval=5
+        ),
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    recorder = SyncRecorder()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: recorder.__enter__())
+    trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda _: recorder.__exit__(None, None, None))
+    workflow.run()
+    assert (
+        recorder.sites
+        == [
+            "bundle/losses/contrast.py:sample_balanced_pixels tolist",
+            "bundle/engine/trainer.py:_logged_terms tolist",
+        ]
+        * 2
+    )

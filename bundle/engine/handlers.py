@@ -41,7 +41,10 @@ class TrainingProgressBar:
 
     def attach(self, engine: Engine) -> None:
         def loss_only(output):
-            value = output.get(self.loss_key) if isinstance(output, dict) else None
+            if not isinstance(output, dict):
+                return {}
+            # the logged float where the trainer made one: float() of the tensor would wait for the optimizer step
+            value = (output.get("loss_terms") or {}).get(self.loss_key, output.get(self.loss_key))
             return {} if value is None else {self.loss_key: float(value)}
 
         self.bar.attach(engine, output_transform=loss_only)

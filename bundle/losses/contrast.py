@@ -3,6 +3,10 @@
 ``L = CE(s / T, y)`` where ``s[n, c]`` is pixel n's similarity to class c's prototype (image or text) and T a
 temperature. Classes without a prototype yet (an empty bank slot) are excluded from the softmax, and pixels of
 such classes are skipped.
+
+On a GPU every boolean-mask selection, ``.any()`` test or ``.tolist()`` waits for the device. Dropped pixels are
+therefore marked with label -1 instead of being removed, empty cases are handled by masked means instead of tests,
+and the class-balanced sampling reads one small vector (the class counts) back to the host per step.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ __all__ = ["flatten_pixels", "prototype_contrast_loss", "sample_balanced_pixels"
 def flatten_pixels(
     embedding: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings ``[B, D, h, w]`` with labels/keep at any resolution ``[B, H, W]`` -> ``([N, D], [N])``.
+    """Embeddings ``[B, D, h, w]`` with labels/keep at any resolution ``[B, H, W]`` -> ``([N, D], [N])``, N = B h w.
 
     Labels (and the keep mask) are brought to the embedding grid by nearest-neighbour resampling; pixels whose keep
-    flag is False are dropped.
+    flag is False get label -1, which :func:`sample_balanced_pixels` never picks.
     """
     size = embedding.shape[-2:]
     if labels.shape[-2:] != size:
@@ -29,8 +33,7 @@ def flatten_pixels(
     z = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
     y = labels.reshape(-1).long()
     if keep is not None:
-        k = keep.reshape(-1).bool()
-        z, y = z[k], y[k]
+        y = y.masked_fill(~keep.reshape(-1).bool(), -1)
     return z, y
 
 
@@ -40,24 +43,18 @@ def sample_balanced_pixels(
     """Indices of at most ``max_pixels`` pixels, split evenly over the classes present (class-balanced).
 
     A class with fewer pixels than its share gives all of them and the spare budget goes to the other classes.
-    Labels outside ``[0, num_classes)`` are never sampled.
+    Labels outside ``[0, num_classes)`` are never sampled. The pixels are put in a random order (drawn on the CPU,
+    so a seed picks the same pixels on any device) and stably sorted by class; each class's first pixels are taken.
     """
     valid = (labels >= 0) & (labels < num_classes)
-    if int(valid.sum()) <= max_pixels:
-        return torch.nonzero(valid).flatten()
-    counts = torch.bincount(labels[valid], minlength=num_classes).tolist()
+    grouped = torch.where(valid, labels, num_classes)  # invalid pixels sort after every class
+    counts = torch.bincount(grouped, minlength=num_classes + 1)[:num_classes].tolist()  # the one host read
     quota = _balanced_quota(counts, max_pixels)
-    # a random rank per pixel, then the lowest-ranked `quota[c]` pixels of each class
-    score = torch.rand(labels.shape[0], generator=generator, device="cpu").to(labels.device)
-    chosen = []
-    for cls, take in enumerate(quota):
-        if take == 0:
-            continue
-        idx = torch.nonzero(labels == cls).flatten()
-        if take < idx.numel():
-            idx = idx[torch.topk(score[idx], take, largest=False).indices]
-        chosen.append(idx)
-    return torch.cat(chosen)
+    shuffle = torch.randperm(labels.shape[0], generator=generator, device="cpu").to(labels.device)
+    order = shuffle[torch.sort(grouped[shuffle], stable=True).indices]
+    starts = [sum(counts[:cls]) for cls in range(num_classes)]
+    chosen = [order[start : start + take] for start, take in zip(starts, quota, strict=True) if take]
+    return torch.cat(chosen) if chosen else order[:0]
 
 
 def _balanced_quota(counts: list[int], budget: int) -> list[int]:
@@ -79,17 +76,20 @@ def _balanced_quota(counts: list[int], budget: int) -> list[int]:
 def prototype_contrast_loss(
     similarity: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, available: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Cross-entropy of ``similarity / temperature`` ``[N, C]`` against ``labels`` ``[N]``.
+    """Cross-entropy of ``similarity / temperature`` ``[N, C]`` against ``labels`` ``[N]``, averaged over the pixels
+    used.
 
-    ``available`` (``[C]`` bool) marks classes that have a prototype; the others get no logit, and pixels labelled
-    with them are skipped. Returns a zero that keeps the graph when no pixel is usable.
+    ``available`` (``[C]`` bool) marks classes that have a prototype; the others get no logit (the lowest float, so
+    exp() is exactly 0), and pixels labelled with them, or outside ``[0, C)``, are skipped. Returns a zero that
+    keeps the graph when no pixel is usable.
     """
     logits = similarity.float() / temperature
-    keep = torch.ones_like(labels, dtype=torch.bool)
+    num_classes = similarity.shape[1]
+    keep = (labels >= 0) & (labels < num_classes)
+    target = labels.clamp(0, num_classes - 1)
     if available is not None:
         available = available.to(similarity.device)
-        logits = logits.masked_fill(~available[None, :], float("-inf"))
-        keep = available[labels.clamp(0, similarity.shape[1] - 1)] & (labels >= 0) & (labels < similarity.shape[1])
-    if not bool(keep.any()):
-        return similarity.sum() * 0.0
-    return F.cross_entropy(logits[keep], labels[keep])
+        logits = logits.masked_fill(~available[None, :], torch.finfo(logits.dtype).min)
+        keep = keep & available[target]
+    ce = F.cross_entropy(logits, target, reduction="none")
+    return torch.where(keep, ce, 0.0).sum() / keep.sum().clamp_min(1)

@@ -202,12 +202,10 @@ class MPAMatchLoss(nn.Module):
                 terms["loss_txt"] = prototype_contrast_loss(z @ text.t(), y, self.temperature)
                 total = total + self.text_weight * terms["loss_txt"]
         if bank is not None and text is not None and self.align_weight > 0:
-            ready = bank.initialized
-            if bool(ready.any()):
-                diff = bank.class_prototypes()[ready] - text[ready]
-                terms["loss_align"] = diff.pow(2).sum(dim=1).mean()
-            else:
-                terms["loss_align"] = text.sum() * 0.0
+            # mean over the classes that have an image prototype (zero, with a graph, while none has)
+            ready = bank.initialized.to(text.dtype)
+            distance = (bank.class_prototypes() - text).pow(2).sum(dim=1)
+            terms["loss_align"] = (distance * ready).sum() / ready.sum().clamp_min(1)
             total = total + self.align_weight * terms["loss_align"]
         if bank is not None:
             self._update_bank(out, label_x, tau)

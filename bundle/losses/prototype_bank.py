@@ -55,42 +55,46 @@ class ImagePrototypeBank(nn.Module):
     def update(self, embedding: torch.Tensor, labels: torch.Tensor) -> None:
         """EMA update from pixel embeddings ``[N, D]`` (L2-normalised) with class labels ``[N]``.
 
-        Labels outside ``[0, C)`` (ignored or unreliable pixels, marked e.g. -1 or 255) are skipped.
+        Labels outside ``[0, C)`` (ignored or unreliable pixels, marked e.g. -1 or 255) are skipped. With K = 1 the
+        update reads nothing back from the device: skipped pixels are summed into a spare slot that is dropped, and
+        a class's first update starts its EMA from the zero vector, which gives exactly its normalised mean.
         """
         embedding = embedding.detach().float()
         labels = labels.detach().long()
-        keep = (labels >= 0) & (labels < self.num_classes)
-        embedding, labels = embedding[keep], labels[keep]
         c, k, d = self.num_classes, self.num_prototypes, self.embedding_dim
-        present = torch.bincount(labels, minlength=c) > 0 if labels.numel() else labels.new_zeros(c, dtype=torch.bool)
+        valid = (labels >= 0) & (labels < c)
+        if k > 1:
+            self._initialize_new_classes(embedding[valid], labels[valid])
+            sim = torch.einsum("nd,nkd->nk", embedding, self.prototypes[labels.clamp(0, c - 1)])
+            slot = labels * k + sim.argmax(dim=1)
+        else:
+            slot = labels
+        slot = torch.where(valid, slot, c * k)  # the spare slot
+        sums = embedding.new_zeros(c * k + 1, d).index_add_(0, slot, embedding)[: c * k]
+        counts = embedding.new_zeros(c * k + 1).index_add_(0, slot, torch.ones_like(embedding[:, 0]))[: c * k]
+        if _distributed():
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        updated = (counts > 0)[:, None]
+        means = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
+        flat = self.prototypes.view(c * k, d)
+        flat.copy_(torch.where(updated, F.normalize(self.momentum * flat + (1.0 - self.momentum) * means, dim=1), flat))
+        self.initialized |= updated.view(c, k).any(dim=1)
+
+    def _initialize_new_classes(self, embedding: torch.Tensor, labels: torch.Tensor) -> None:
+        """K > 1: a new class's prototypes start from K distinct pixels (K copies of its mean if it has fewer)."""
+        present = torch.bincount(labels, minlength=self.num_classes) > 0
         if _distributed():
             present_f = present.float()
             dist.all_reduce(present_f)
             present = present_f > 0
-        self._initialize_new_classes(embedding, labels, present & ~self.initialized)
-        if k == 1:
-            slot = labels
-        else:
-            sim = torch.einsum("nd,nkd->nk", embedding, self.prototypes[labels])
-            slot = labels * k + sim.argmax(dim=1)
-        sums = embedding.new_zeros(c * k, d).index_add_(0, slot, embedding)
-        counts = embedding.new_zeros(c * k).index_add_(0, slot, torch.ones_like(slot, dtype=embedding.dtype))
-        if _distributed():
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
-        updated = counts > 0
-        means = F.normalize(sums[updated] / counts[updated, None], dim=1)
-        flat = self.prototypes.view(c * k, d)
-        flat[updated] = F.normalize(self.momentum * flat[updated] + (1.0 - self.momentum) * means, dim=1)
-
-    def _initialize_new_classes(self, embedding: torch.Tensor, labels: torch.Tensor, new: torch.Tensor) -> None:
-        for cls in torch.nonzero(new).flatten().tolist():
+        for cls in torch.nonzero(present & ~self.initialized).flatten().tolist():
             pixels = embedding[labels == cls]
             if pixels.shape[0] == 0:  # present on another rank only
                 pixels = embedding.new_zeros(1, self.embedding_dim)
             mean = F.normalize(pixels.mean(dim=0), dim=0)
             init = mean.expand(self.num_prototypes, -1).clone()
-            if self.num_prototypes > 1 and pixels.shape[0] >= self.num_prototypes:
+            if pixels.shape[0] >= self.num_prototypes:
                 step = pixels.shape[0] // self.num_prototypes
                 init = F.normalize(pixels[::step][: self.num_prototypes], dim=1)
             if _distributed():  # every rank starts from the same vectors

@@ -62,11 +62,12 @@ class SupervisedLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = squeeze_target(target)
         valid = target != self.ignore_index
-        loss = logits.new_zeros(())
-        if not bool(valid.any()):
-            return loss + 0.0 * logits.sum()
+        # masked means rather than a test for "no valid pixel", which would wait for the device: with nothing
+        # valid both terms are 0 and the graph is kept
+        loss = logits.new_zeros((), dtype=torch.float32)
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+            ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")
+            loss = loss + self.ce_weight * ce.sum() / valid.sum().clamp_min(1)
         if self.dice_weight:
             loss = loss + self.dice_weight * self.dice(logits.float(), target, valid)
         return loss
