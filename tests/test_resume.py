@@ -70,16 +70,19 @@ def assert_same_state(expected: dict, actual: dict) -> None:
             assert torch.equal(actual[name], tensor), name
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, dataset):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, dataset, workers):
+    """The uninterrupted run loads in the main process; the killed and resumed one with ``workers`` persistent worker
+    processes: augmentations come from per-draw seeds, so both must end with the same weights."""
     whole, whole_iterations = train(tmp_path / "whole", dataset)
     assert whole_iterations == list(range(1, EPOCHS * EPOCH_LENGTH + 1))
 
     # killed in the middle of epoch 2: last.pt holds epoch 1
     with pytest.raises(Interrupted):
-        train(tmp_path / "split", dataset, stop_at_iteration=EPOCH_LENGTH + 2)
+        train(tmp_path / "split", dataset, stop_at_iteration=EPOCH_LENGTH + 2, num_workers=workers)
     assert last_checkpoint(tmp_path / "split")["trainer"]["iteration"] == EPOCH_LENGTH
 
-    resumed, resumed_iterations = train(tmp_path / "split", dataset, resume=True)
+    resumed, resumed_iterations = train(tmp_path / "split", dataset, resume=True, num_workers=workers)
     assert resumed_iterations == list(range(EPOCH_LENGTH + 1, EPOCHS * EPOCH_LENGTH + 1))
 
     expected, actual = last_checkpoint(tmp_path / "whole"), last_checkpoint(tmp_path / "split")
