@@ -1,8 +1,8 @@
 """Data handling: datalists (load, validate, embedded default), dataset preparation (GlaS, EBHI-Seg, KPI, MoNuSeg,
-generic folders; shared checks and splits), readers, transforms, CutMix.
+generic folders; shared checks and splits), readers, transforms, training samplers, CutMix.
 
 Only the datalist helpers are imported eagerly (no torch), so ``python -m bundle.prepare`` starts fast; the torch
-based modules ``readers``, ``transforms`` and ``cutmix`` load on first use.
+based modules ``readers``, ``transforms``, ``sampling`` and ``cutmix`` load on first use.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "monuseg",
     "output",
     "readers",
+    "sampling",
     "splits",
     "synthetic",
     "transforms",
@@ -41,6 +42,7 @@ _LAZY = {
     "monuseg",
     "output",
     "readers",
+    "sampling",
     "splits",
     "synthetic",
     "transforms",
