@@ -1,8 +1,9 @@
-"""Network overrides shared by the benchmark scripts (``--network tiny``: a smoke-test size, not a measured one)."""
+"""Network overrides shared by the benchmark scripts (``--network tiny``: a smoke-test size, not a measured one).
 
-TINY_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
-    "head_channels": 32,
-    "decoder_channels": [32, 16, 16, 8],
-    "embedding_dim": 16,
-}
+The sizes are ``configs/tiny.json``, the preset the tests use too.
+"""
+
+import json
+from pathlib import Path
+
+TINY_NETWORK = json.loads((Path(__file__).resolve().parents[1] / "configs" / "tiny.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_benchmarks import load_script
+from helpers import load_script
 
 TINY_NETWORK = (
     "--encoder_kwargs \"{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'stem_channels': [8, 16, 32]}\" "

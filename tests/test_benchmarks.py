@@ -6,27 +6,18 @@ the scripts themselves (see their docstrings), never by tests.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from monai.data.utils import dense_patch_slices
 
 from bundle.losses import SupervisedLoss
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_TRAIN = ["--device", "cpu", "--network", "tiny", "--image-size", "32", "--batch-size", "2"]
 TINY_TRAIN += ["--unlabeled-batch-size", "2"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

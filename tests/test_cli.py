@@ -6,24 +6,15 @@ a few iterations), and the one-line error a wrong ``--dataset_dir`` gives instea
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, run_python
 from monai.bundle import ConfigParser
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_JSON = str(REPO_ROOT / "configs" / "train.json")
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+TINY_JSON = str(REPO_ROOT / "configs" / "tiny.json")
 
 
 def test_bundle_root_is_found_from_another_working_directory(tmp_path, monkeypatch):
@@ -36,7 +27,7 @@ def test_bundle_root_is_found_from_another_working_directory(tmp_path, monkeypat
 
 def test_wrong_dataset_dir_is_one_clear_line(tmp_path):
     missing = tmp_path / "no_such_folder"
-    done = run_cli(
+    done = run_python(
         [
             "-m",
             "monai.bundle",
@@ -65,7 +56,7 @@ def test_wrong_dataset_dir_is_one_clear_line(tmp_path):
 @pytest.mark.slow
 def test_prepare_and_train_on_real_glas_from_another_directory(tmp_path, glas_dir):
     data = tmp_path / "glas_10"
-    done = run_cli(
+    done = run_python(
         ["-m", "bundle.prepare", "glas", "--source", str(glas_dir), "--output", str(data), "--split", "10"],
         cwd=tmp_path,
     )
@@ -73,15 +64,14 @@ def test_prepare_and_train_on_real_glas_from_another_directory(tmp_path, glas_di
     assert "training: 7 images" in done.stdout and "unlabeled: 66 images" in done.stdout
     # fmt: off
     args = [
-        "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_JSON, "--bundle_root", str(REPO_ROOT),
+        "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN_JSON}','{TINY_JSON}']",
+        "--bundle_root", str(REPO_ROOT),
         "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models"),
         "--max_epochs", "1", "--epoch_length", "3", "--batch_size", "2", "--patch_size", "[64,64]",
-        "--zoom_range", "[0.25,0.3]", "--sw_batch_size", "8", "--cache_rate", "0.0", "--head_channels", "32",
-        "--decoder_channels", "[32,16,16,8]", "--embedding_dim", "16",
-        "--encoder_kwargs", "{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'stem_channels': [8, 16, 32]}",
+        "--zoom_range", "[0.25,0.3]", "--sw_batch_size", "8", "--cache_rate", "0.0",
     ]
     # fmt: on
-    done = run_cli(args, cwd=tmp_path)
+    done = run_python(args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "val_dice" in done.stdout
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)

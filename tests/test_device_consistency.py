@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 from device_guard import BUNDLE, DeviceGuard, SyncRecorder
+from helpers import config_files, make_workflow, record_terms, small_overrides
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
-from test_workflow import config_files, make_workflow, record_terms, small_overrides
 
 PRESETS = ["supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch"]
 

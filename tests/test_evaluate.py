@@ -9,29 +9,22 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, run_python
 from PIL import Image
 
 from bundle.data.synthetic import generate_synthetic_dataset
 from bundle.prepare import main as prepare_main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"dice", "jaccard", "mdice", "mjaccard", "hd95", "object_f1", "object_dice", "object_hausdorff"}
-TINY = [
-    "--head_channels", "32", "--decoder_channels", "[32,16,16,8]", "--embedding_dim", "16",
-    "--encoder_kwargs", "{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'stem_channels': [8, 16, 32]}",
-    "--patch_size", "[64,64]", "--sw_batch_size", "16",
-]  # fmt: skip
+SMALL = ["--patch_size", "[64,64]", "--sw_batch_size", "16"]
 
 
 def run_bundle(config_files: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     files = "[" + ",".join(f"'{REPO_ROOT / 'configs' / name}'" for name in config_files) + "]"
-    command = [sys.executable, "-m", "monai.bundle", "run", *args[:1], "--config_file", files, *args[1:]]
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    return run_python(["-m", "monai.bundle", "run", *args[:1], "--config_file", files, *args[1:]], cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +39,9 @@ def trained(tmp_path_factory, glas_dir) -> dict[str, Path]:
     datalist["test"] = test_a + test_b
     (data / "datalist.json").write_text(json.dumps(datalist, indent=4))
     common = ["--bundle_root", str(REPO_ROOT), "--dataset_dir", str(data), "--output_dir", str(root / "runs"),
-              "--ckpt_dir", str(root / "models"), *TINY]  # fmt: skip
+              "--ckpt_dir", str(root / "models"), *SMALL]  # fmt: skip
     done = run_bundle(
-        ["train.json"],
+        ["train.json", "tiny.json"],
         ["training", *common, "--max_epochs", "1", "--epoch_length", "4", "--batch_size", "2", "--cache_rate", "0.0"],
         cwd=root,
     )
@@ -60,7 +53,7 @@ def trained(tmp_path_factory, glas_dir) -> dict[str, Path]:
 @pytest.mark.slow
 def test_evaluate_writes_metrics_per_part_csv_and_overlays(trained):
     root = trained["root"]
-    done = run_bundle(["train.json", "evaluate.json"], ["run", *trained["common"]], cwd=root)
+    done = run_bundle(["train.json", "tiny.json", "evaluate.json"], ["run", *trained["common"]], cwd=root)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = root / "runs" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -20,22 +19,16 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from helpers import REPO_ROOT, TINY_NETWORK, run_python
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
 from bundle.errors import BundleInputError, find_input_error
 from bundle.inference import OutputFolderLayout, TiledTiffWriter, filter_by_size, inference_inputs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INFERENCE_JSON = str(REPO_ROOT / "configs" / "inference.json")
 TRAIN_JSON = str(REPO_ROOT / "configs" / "train.json")
 
-TINY_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
-    "head_channels": 32,
-    "decoder_channels": [32, 16, 16, 8],
-    "embedding_dim": 16,
-}
 # a network that predicts "foreground" where the red value is above 127.5 (after the config's normalisation)
 RED_NETWORK = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2, "kernel_size": 1}
 RED_LEVEL = 127.5
@@ -386,17 +379,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, inputs, red_checkpoint
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE_JSON, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    """The inference command with nothing of this repository on the path (the bundle is found from its config)."""
+    return run_python(["-m", "monai.bundle", "run", "--config_file", INFERENCE_JSON, *args], cwd, repo_on_path=False)
 
 
 def test_cli_from_another_directory_with_a_large_tiled_tiff(tmp_path, inputs, large_tiff, red_checkpoint):

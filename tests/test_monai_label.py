@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT, run_python
 from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 from monai.data import MetaTensor, partition_dataset
 from monai.transforms import Compose, LoadImaged, Resize, SaveImaged
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_NETWORK = {
     "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
     "head_channels": 32,
@@ -285,6 +284,7 @@ def test_infer_task_needs_nothing_but_the_bundle_path(bundle_copy, glas_dir, tmp
     the package is also pip-installed in the environment, as it is in CI)."""
     script = f"""
 import importlib.util, json, sys
+sys.path.append({str(Path(__file__).parent)!r})  # the tests' helpers module (no bundle code in that folder)
 spec = importlib.util.spec_from_file_location("monailabel_mirror", {__file__!r})
 mirror = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mirror)
@@ -292,10 +292,7 @@ result = mirror.monailabel_infer({str(bundle_copy)!r}, {str(glas_dir / "images" 
 print(json.dumps({{"shape": list(result["pred"].shape), "resized": result["resized"],
                   "bundle_file": sys.modules["bundle"].__file__}}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(["-c", script], tmp_path, repo_on_path=False, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     width, height = Image.open(glas_dir / "images" / "testB_3.png").size
     reported = json.loads(done.stdout.strip().splitlines()[-1])

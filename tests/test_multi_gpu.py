@@ -8,18 +8,13 @@ identical on both ranks, and only rank 0 validates, logs and writes checkpoints.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_workflow import small_overrides
+from helpers import REPO_ROOT, run_python, small_overrides
 
 from bundle.data.synthetic import generate_synthetic_dataset
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # after training, every rank writes its own state (and the samples it drew) for the test to compare
 DUMP_STATES = {
@@ -47,13 +42,12 @@ def test_two_process_torchrun_on_cpu(tmp_path, preset):
         )
     dump.write_text(json.dumps(states))
     configs = [str(REPO_ROOT / "configs" / name) for name in ("train.json", f"{preset}.json", "multi_gpu_train.json")]
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args += ["-m", "monai.bundle", "run", "training", "--config_file", repr(configs + [str(dump)])]
     overrides = small_overrides(tmp_path, data, max_epochs=2, epoch_length=2, batch_size=2)
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = run_python(args, tmp_path, timeout=900, OMP_NUM_THREADS="1")
     assert done.returncode == 0, done.stderr[-4000:]
 
     out = tmp_path / "out"

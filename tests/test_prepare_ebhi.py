@@ -161,7 +161,7 @@ def test_labels_are_binarised_above_127_when_loaded(ebhi_root):
 def test_prepared_datalist_trains_with_the_threshold_override(tmp_path, capsys):
     """A couple of iterations of the core bundle on a prepared EBHI-Seg datalist, with ``mask_mode`` set to
     ``threshold`` as users pass ``--mask_mode threshold``."""
-    from test_workflow import config_files, make_workflow, record_terms, small_overrides
+    from helpers import config_files, make_workflow, record_terms, small_overrides
 
     source = write_ebhi(tmp_path / "source", size=64, counts={name: 3 for name in GLAND_CLASSES})
     data = tmp_path / "data"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_python
 from PIL import Image
 
 from bundle.data.glas import build_glas_datalist, find_glas_cases
@@ -180,16 +180,13 @@ def test_existing_datalist_is_kept_unless_forced(prepared, glas_dir, capsys):
     assert json.loads((target / "datalist.json").read_text())["split"] == 10
 
 
-def _subprocess(repo_root: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(repo_root))
-    return subprocess.run(
-        [sys.executable, "-m", "bundle.prepare", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+def _subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_python(["-m", "bundle.prepare", *args], cwd, timeout=120)
 
 
-def test_command_line_from_another_working_directory(glas_dir, repo_root, tmp_path):
+def test_command_line_from_another_working_directory(glas_dir, tmp_path):
     source = os.path.abspath(glas_dir)
-    result = _subprocess(repo_root, tmp_path, "glas", "--source", source, "--output", "out", "--split", "20")
+    result = _subprocess(tmp_path, "glas", "--source", source, "--output", "out", "--split", "20")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [
         "training: 14 images",
@@ -201,9 +198,9 @@ def test_command_line_from_another_working_directory(glas_dir, repo_root, tmp_pa
     assert _names(datalist["training"]) == LABELLED_20
 
 
-def test_command_line_error_is_one_line_without_traceback(repo_root, tmp_path):
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
     missing = tmp_path / "no-such-glas"
-    result = _subprocess(repo_root, tmp_path, "glas", "--source", str(missing), "--output", "out", "--split", "10")
+    result = _subprocess(tmp_path, "glas", "--source", str(missing), "--output", "out", "--split", "10")
     assert result.returncode == 2
     assert result.stderr == f"error: GlaS source {missing} does not exist\n"
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from dataset_fixtures import run_cli, write_folders, write_kpi, write_monuseg
-from test_workflow import config_files, make_workflow, record_terms, small_overrides
+from helpers import config_files, make_workflow, record_terms, small_overrides
 
 
 def prepare_kpi(tmp_path: Path, capsys) -> Path:

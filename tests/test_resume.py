@@ -6,7 +6,6 @@ optimizer, prototype bank and best validation metric (the trainer seeds every ep
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, child_env, config_files, make_workflow, run_python, small_overrides
 from ignite.engine import Events
-from test_workflow import config_files, make_workflow, small_overrides
 
 from bundle.data.synthetic import generate_synthetic_dataset
 from bundle.engine.trainer import NonFiniteLossError
 from bundle.errors import BundleInputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, EPOCH_LENGTH = 3, 3
 
 
@@ -160,7 +158,7 @@ def test_killed_process_resumes_from_the_command_line(tmp_path, dataset):
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO_ROOT / "configs" / "train.json")]
     for key, value in overrides(tmp_path, dataset, max_epochs=4, cache_rate=1.0).items():
         args += [f"--{key}", repr(value) if not isinstance(value, str) else value]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    env = child_env()
     last = tmp_path / "out" / "checkpoints" / "last.pt"
     job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -171,7 +169,7 @@ def test_killed_process_resumes_from_the_command_line(tmp_path, dataset):
     saved = torch.load(last, weights_only=True)["trainer"]["iteration"]
     assert 0 < saved < 4 * EPOCH_LENGTH, "the job must be killed before it ends"
 
-    done = subprocess.run(args + ["--resume", "true"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = run_python(args[1:] + ["--resume", "true"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {last}: epoch {saved // EPOCH_LENGTH}, iteration {saved}" in done.stderr + done.stdout
     assert torch.load(last, weights_only=True)["trainer"]["iteration"] == 4 * EPOCH_LENGTH

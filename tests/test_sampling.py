@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import config_files, make_workflow, small_overrides
 from monai.data import DataLoader, Dataset
 from monai.transforms import RandGaussianNoised
-from test_workflow import config_files, make_workflow, small_overrides
 
 from bundle.data.sampling import EpochSampler, SeededDraws
 from bundle.errors import BundleInputError

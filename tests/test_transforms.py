@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-import torch.nn.functional as F
+from helpers import boundary
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandGaussianSmoothd
@@ -646,15 +646,6 @@ def strong_transforms(weak_key: str = "image", blur: bool = True, hed: bool = Tr
 def build(chain: list[dict]) -> Compose:
     parser = ConfigParser({"transforms": chain}, globals={"bundle": "bundle", "torch": "torch"})
     return Compose(parser.get_parsed_content("transforms"))
-
-
-def boundary(label: torch.Tensor, width: int = 1) -> torch.Tensor:
-    """[H, W] mask of the pixels within ``width`` of a pixel of another class (``label`` [1, H, W])."""
-    x = torch.as_tensor(label).float()[None]
-    size = 2 * width + 1
-    high = F.max_pool2d(x, size, stride=1, padding=width)
-    low = -F.max_pool2d(-x, size, stride=1, padding=width)
-    return (high != low)[0, 0]
 
 
 def assert_same_geometry(*tensors: MetaTensor) -> None:

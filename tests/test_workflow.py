@@ -15,56 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from helpers import config_files, make_workflow, record_terms, small_overrides
+from monai.bundle import ConfigParser
 from monai.engines import IterationEvents
 
 from bundle.errors import BundleInputError
 from bundle.prepare import main as prepare_main
-
-TINY_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_channels": [8, 16, 32]},
-    "head_channels": 32,
-    "decoder_channels": [32, 16, 16, 8],
-    "embedding_dim": 16,
-}
-
-
-def small_overrides(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
-    overrides = {
-        "bundle_root": str(Path(__file__).resolve().parents[1]),
-        "dataset_dir": str(dataset_dir),
-        "output_dir": str(tmp_path / "out"),
-        "ckpt_dir": str(tmp_path / "models"),
-        "max_epochs": 2,
-        "epoch_length": 3,
-        "batch_size": 2,
-        "patch_size": [64, 64],
-        "zoom_range": [0.5, 1.0],
-        "threshold_warmup_iterations": 2,
-        "prototype_warmup_iterations": 2,
-        "cache_rate": 0.0,
-        "sw_batch_size": 2,
-        "log_interval": 1,
-        **TINY_NETWORK,
-    }
-    overrides.update(extra)
-    return overrides
-
-
-def config_files(*presets: str) -> list[str]:
-    root = Path(__file__).resolve().parents[1] / "configs"
-    return [str(root / "train.json")] + [str(root / f"{name}.json") for name in presets]
-
-
-def make_workflow(files, run_id: str = "run", **overrides) -> ConfigWorkflow:
-    return ConfigWorkflow(config_file=files, workflow_type="train", run_id=run_id, logging_file=False, **overrides)
-
-
-def record_terms(trainer) -> list[dict]:
-    history: list[dict] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(dict(e.state.output["loss_terms"])))
-    return history
 
 
 def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
@@ -213,8 +169,8 @@ def test_uni_hub_option_must_be_a_boolean():
 
 def test_config_pipelines_keep_image_and_label_aligned(synthetic_dir):
     """The labelled and unlabelled chains of train.json, on an image whose pixels encode its own mask."""
+    from helpers import boundary
     from PIL import Image
-    from test_transforms import boundary
 
     parser = ConfigParser()
     parser.read_config(config_files())

@@ -17,7 +17,6 @@ import ast
 import hashlib
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import torch
+from helpers import run_python
 from monai.apps.utils import HashCheckError
 from monai.bundle import ConfigParser, download, download_large_files, verify_metadata, verify_net_in_out
 from PIL import Image
@@ -47,13 +47,9 @@ def load_metadata() -> dict:
     return json.loads(METADATA_JSON.read_text(encoding="utf-8"))
 
 
-def run_python(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python ARGS`` offline, with nothing of this repository on the path (the code must come from ``cwd``)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+def run_offline(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` offline with nothing of this repository on the path (the code must come from ``cwd``)."""
+    done = run_python(args, cwd, repo_on_path=False, timeout=timeout)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -273,7 +269,7 @@ def test_download_load_and_infer_from_the_zip(tmp_path, glas_dir, published_weig
     assert not (tampered / "models" / "model.pt").exists()
 
     # load and run in fresh processes, from the downloaded folder: its own code, not this repository's
-    loaded = run_python(["-c", LOAD_SCRIPT, str(bundles), BUNDLE_NAME, str(published_weights)], cwd=downloaded)
+    loaded = run_offline(["-c", LOAD_SCRIPT, str(bundles), BUNDLE_NAME, str(published_weights)], cwd=downloaded)
     assert "loaded" in loaded.stdout
 
     images = tmp_path / "images"
@@ -281,7 +277,7 @@ def test_download_load_and_infer_from_the_zip(tmp_path, glas_dir, published_weig
     source = glas_dir / "images" / f"{IMAGE_NAME}.png"
     (images / source.name).write_bytes(source.read_bytes())
     output_dir = tmp_path / "out"
-    run_python(
+    run_offline(
         [
             "-m",
             "monai.bundle",
