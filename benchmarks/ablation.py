@@ -158,7 +158,7 @@ def downsample_glas(source: Path, target: Path, factor: int) -> None:
     from PIL import Image
 
     sys.path.insert(0, str(BUNDLE_ROOT))
-    from bundle.data.glas import find_glas_cases
+    from bundle.prepare.glas import find_glas_cases
 
     if (target / "complete").is_file():
         return

@@ -96,12 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def dataset_dir(args: argparse.Namespace, output: Path) -> tuple[Path, str]:
     sys.path.insert(0, str(BUNDLE_ROOT))
     if args.glas and Path(args.glas, "images").is_dir():
-        from bundle.data.glas import prepare_glas
+        from bundle.prepare.glas import prepare_glas
 
         target = output / "glas_10"
         prepare_glas(args.glas, target, 10, force=True)
         return target, f"GlaS 10 % split from {args.glas}"
-    from bundle.data.synthetic import generate_synthetic_dataset
+    from bundle.prepare.synthetic import generate_synthetic_dataset
 
     target = output / "synthetic"
     generate_synthetic_dataset(str(target))

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(BUNDLE_ROOT))
-    from bundle.data import ensure_dataset
+    from bundle.prepare.synthetic import ensure_dataset
 
     ensure_dataset(args.dataset_dir, BUNDLE_ROOT / "data" / "synthetic")
     results = []

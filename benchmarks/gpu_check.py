@@ -91,7 +91,7 @@ def prepare_dataset(args: argparse.Namespace, output: Path) -> tuple[Path, str]:
     """A dataset folder whose test list holds ``--test-images`` images; returns it and a description."""
     sys.path.insert(0, str(BUNDLE_ROOT))
     if args.glas and Path(args.glas, "images").is_dir():
-        from bundle.data.glas import prepare_glas
+        from bundle.prepare.glas import prepare_glas
 
         dataset_dir = output / "glas_10"
         datalist = prepare_glas(args.glas, dataset_dir, 10, force=True)
@@ -99,7 +99,7 @@ def prepare_dataset(args: argparse.Namespace, output: Path) -> tuple[Path, str]:
         datalist["test"] = [item for pair in zip(*by_part) for item in pair][: args.test_images]
         (dataset_dir / "datalist.json").write_text(json.dumps(datalist, indent=4))
         return dataset_dir, f"GlaS 10 % split from {args.glas}"
-    from bundle.data.synthetic import generate_synthetic_dataset
+    from bundle.prepare.synthetic import generate_synthetic_dataset
 
     dataset_dir = output / "synthetic"
     generate_synthetic_dataset(str(dataset_dir), num_test=args.test_images)

@@ -89,7 +89,7 @@ def source_image(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]
         mask = np.asarray(Image.open(root / "masks" / files[0].name).convert("L"))
         description = f"{files[0].name} of {root} mirrored"
     else:
-        from bundle.data.synthetic import render_synthetic_case
+        from bundle.prepare.synthetic import render_synthetic_case
 
         tile, mask = render_synthetic_case(seed=0, index=0, image_size=512)
         description = "synthetic 512 px tile mirrored"

@@ -1,5 +1,9 @@
 """User-facing errors of the bundle and the hook that prints them as one clear line instead of a stack trace.
 
+The hook is installed where the commands start, not on import: the configs' ``initialize`` (``python -m monai.bundle
+run``) calls :func:`install_excepthook`; ``python -m bundle.prepare`` and ``python -m bundle.package`` catch their
+errors themselves.
+
 MONAI's config machinery wraps every exception raised while a component is built (``RuntimeError: Failed to
 instantiate ...``). When such a chain contains a :class:`BundleInputError` - bad data, a missing file, a wrong
 option - the hook prints only that error's message and exits with status 1. Every other exception keeps the

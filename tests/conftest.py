@@ -39,7 +39,7 @@ def glas_dir() -> Path:
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset (3 labelled, 4 unlabelled, 2 validation, 1 test image of 96 px) for workflow runs."""
-    from bundle.data.synthetic import generate_synthetic_dataset
+    from bundle.prepare.synthetic import generate_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     generate_synthetic_dataset(out, image_size=96, num_labelled=3, num_unlabeled=4, num_validation=2, num_test=1)

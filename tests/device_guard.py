@@ -5,7 +5,7 @@ On a GPU the default device of ``torch.tensor``, ``torch.zeros``, ``torch.arange
 without ``device=`` inside the loss or the trainer makes a host tensor that meets CUDA tensors a few lines later
 (``torch.stack`` refuses, indexing and ``torch.where`` too). On a CPU-only machine every tensor is on the CPU and
 nothing fails, so :class:`DeviceGuard` records the calls themselves: a factory function called from the bundle's
-training-time code (losses, engine, networks, text encoders, CutMix) without a ``device`` argument. ``*_like`` and
+training-time code (losses, engine with CutMix, networks, text encoders) without a ``device`` argument. ``*_like`` and
 ``Tensor.new_*`` calls inherit their device and are not factories here; data loading (readers, transforms) runs on the
 CPU by design and is not checked.
 """
@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 LOSS_AND_ENGINE = (str(BUNDLE / "losses"), str(BUNDLE / "engine"))
-CHECKED = (*LOSS_AND_ENGINE, *(str(BUNDLE / part) for part in ("networks", "text", "data/cutmix.py")))
+CHECKED = (*LOSS_AND_ENGINE, str(BUNDLE / "networks"), str(BUNDLE / "text"))
+CUTMIX = str(BUNDLE / "engine" / "cutmix.py")  # draws its boxes on the CPU by design
 FACTORIES = {
     torch.tensor,
     torch.as_tensor,
@@ -91,7 +92,7 @@ class SyncRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         caller = sys._getframe(1)
         where = caller.f_code.co_filename
-        if where.startswith(LOSS_AND_ENGINE):
+        if where.startswith(LOSS_AND_ENGINE) and where != CUTMIX:
             boolean_index = func is torch.Tensor.__getitem__ and any(
                 isinstance(index, torch.Tensor) and index.dtype == torch.bool
                 for index in (args[1] if isinstance(args[1], tuple) else (args[1],))

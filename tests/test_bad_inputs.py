@@ -26,11 +26,11 @@ from dataset_fixtures import (
 )
 from PIL import Image
 
-from bundle.data.ebhi import build_ebhi_datalist
-from bundle.data.folders import build_folders_datalist
-from bundle.data.kpi import prepare_kpi
-from bundle.data.monuseg import prepare_monuseg
 from bundle.errors import BundleInputError
+from bundle.prepare.ebhi import build_ebhi_datalist
+from bundle.prepare.folders import build_folders_datalist
+from bundle.prepare.kpi import prepare_kpi
+from bundle.prepare.monuseg import prepare_monuseg
 
 SMALL_EBHI = {"Adenocarcinoma": 6}
 CANNOT_READ = "cannot be read (corrupt, truncated or not an image: "

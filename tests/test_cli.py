@@ -77,3 +77,10 @@ def test_prepare_and_train_on_real_glas_from_another_directory(tmp_path, glas_di
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert any(key.startswith("decoder.") for key in state)
     assert (tmp_path / "out" / "checkpoints" / "last.pt").is_file()
+
+
+def test_importing_the_package_leaves_the_excepthook_alone(tmp_path):
+    """The one-line error hook is installed by the commands (the configs' initialize), not by ``import bundle``."""
+    script = "import sys, bundle, bundle.data, bundle.engine; print(sys.excepthook is sys.__excepthook__)"
+    done = run_python(["-c", script], tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.data.cutmix import CutMix, roll_source
+from bundle.engine.cutmix import CutMix, roll_source
 from bundle.errors import BundleInputError
 
 

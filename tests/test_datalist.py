@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import bundle.data.synthetic
-from bundle.data.datalist import DATALIST_FILENAME, PATH_KEYS, ensure_dataset, load_datalist, write_datalist
-from bundle.data.glas import prepare_glas
+import bundle.prepare.synthetic
+from bundle.data.datalist import DATALIST_FILENAME, PATH_KEYS, load_datalist, write_datalist
 from bundle.errors import BundleInputError
+from bundle.prepare.glas import prepare_glas
+from bundle.prepare.synthetic import ensure_dataset
 
 
 def _write(folder: Path, content) -> Path:
@@ -212,19 +213,23 @@ def test_write_datalist_is_indented_and_replaces_atomically(tmp_path):
 def small_synthetic(monkeypatch):
     """Make ensure_dataset generate a 6-image synthetic set (names syn_000..syn_005), to keep tests fast."""
     small = functools.partial(
-        bundle.data.synthetic.generate_synthetic_dataset, num_labelled=2, num_unlabeled=2, num_validation=1, num_test=1
+        bundle.prepare.synthetic.generate_synthetic_dataset,
+        num_labelled=2,
+        num_unlabeled=2,
+        num_validation=1,
+        num_test=1,
     )
-    monkeypatch.setattr(bundle.data.synthetic, "generate_synthetic_dataset", small)
+    monkeypatch.setattr(bundle.prepare.synthetic, "generate_synthetic_dataset", small)
 
 
 def test_default_location_gets_the_synthetic_dataset(tmp_path, monkeypatch, caplog):
     (tmp_path / "bundle").mkdir()
     monkeypatch.chdir(tmp_path / "bundle")
     default = tmp_path / "bundle" / "data" / "synthetic"  # does not exist yet
-    with caplog.at_level(logging.INFO, logger="bundle.data.datalist"):
+    with caplog.at_level(logging.INFO, logger="bundle.prepare.synthetic"):
         returned = ensure_dataset("data/synthetic", default)  # relative spelling of the same folder
     assert returned == str(default)
-    messages = [record.getMessage() for record in caplog.records if record.name == "bundle.data.datalist"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "bundle.prepare.synthetic"]
     assert len(messages) == 1 and "generating the embedded synthetic dataset there" in messages[0]
     assert str(default) in messages[0]
     assert len(load_datalist(default, "training")) == 8

@@ -15,8 +15,8 @@ import pytest
 from helpers import REPO_ROOT, run_python
 from PIL import Image
 
-from bundle.data.synthetic import generate_synthetic_dataset
 from bundle.prepare import main as prepare_main
+from bundle.prepare.synthetic import generate_synthetic_dataset
 
 METRIC_KEYS = {"dice", "jaccard", "mdice", "mjaccard", "hd95", "object_f1", "object_dice", "object_hausdorff"}
 SMALL = ["--patch_size", "[64,64]", "--sw_batch_size", "16"]

@@ -23,7 +23,7 @@ from helpers import REPO_ROOT, TINY_NETWORK, run_python
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
-from bundle.errors import BundleInputError, find_input_error
+from bundle.errors import BundleInputError, find_input_error, install_excepthook
 from bundle.inference import OutputFolderLayout, TiledTiffWriter, filter_by_size, inference_inputs
 
 INFERENCE_JSON = str(REPO_ROOT / "configs" / "inference.json")
@@ -374,6 +374,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, inputs, red_checkpoint
     written = {p.name for p in (tmp_path / "out").iterdir()} if (tmp_path / "out").exists() else set()
     assert written == ({"a_mask.png"} if case == "truncated" else set())  # images before the bad one are done
     capsys.readouterr()
+    install_excepthook()  # what configs/inference.json's initialize does
     sys.excepthook(type(caught.value), caught.value, caught.value.__traceback__)
     assert capsys.readouterr().err == f"error: {error}\n"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import REPO_ROOT, run_python, small_overrides
 
-from bundle.data.synthetic import generate_synthetic_dataset
+from bundle.prepare.synthetic import generate_synthetic_dataset
 
 # after training, every rank writes its own state (and the samples it drew) for the test to compare
 DUMP_STATES = {

@@ -12,8 +12,8 @@ import pytest
 from dataset_fixtures import EBHI_COUNTS, EBHI_FOLDER, EBHI_UNLABELLED, read_datalist, run_cli, snapshot, write_ebhi
 from PIL import Image
 
-from bundle.data.ebhi import EBHI_TASKS, build_ebhi_datalist, find_ebhi_cases
 from bundle.errors import BundleInputError
+from bundle.prepare.ebhi import EBHI_TASKS, build_ebhi_datalist, find_ebhi_cases
 
 GLAND_CLASSES = ["Normal", "Polyp", "Low-grade IN", "High-grade IN", "Serrated adenoma"]
 LISTS = ("training", "validation", "unlabeled", "test")

@@ -10,8 +10,8 @@ import pytest
 from dataset_fixtures import read_datalist, run_cli, snapshot, tissue, write_folders
 from PIL import Image
 
-from bundle.data.folders import build_folders_datalist, find_folder_cases
 from bundle.errors import BundleInputError
+from bundle.prepare.folders import build_folders_datalist, find_folder_cases
 
 LISTS = ("training", "validation", "unlabeled", "test")
 

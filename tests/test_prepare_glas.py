@@ -13,9 +13,9 @@ import pytest
 from helpers import run_python
 from PIL import Image
 
-from bundle.data.glas import build_glas_datalist, find_glas_cases
 from bundle.errors import BundleInputError
 from bundle.prepare import main
+from bundle.prepare.glas import build_glas_datalist, find_glas_cases
 
 TRAIN = [f"train_{i}" for i in range(1, 86)]
 TEST = [f"testA_{i}" for i in range(1, 61)] + [f"testB_{i}" for i in range(1, 21)]

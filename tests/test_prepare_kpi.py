@@ -21,8 +21,8 @@ from dataset_fixtures import (
 )
 from PIL import Image
 
-from bundle.data.kpi import find_kpi_patches, prepare_kpi, tile_origins
 from bundle.errors import BundleInputError
+from bundle.prepare.kpi import find_kpi_patches, prepare_kpi, tile_origins
 
 LISTS = ("training", "validation", "unlabeled", "test")
 

@@ -21,9 +21,14 @@ from dataset_fixtures import (
 )
 from PIL import Image
 
-from bundle.data.monuseg import build_monuseg_datalist, find_monuseg_cases, rasterise_annotation, read_aperio_polygons
-from bundle.data.output import GeneratedFolders
 from bundle.errors import BundleInputError
+from bundle.prepare.monuseg import (
+    build_monuseg_datalist,
+    find_monuseg_cases,
+    rasterise_annotation,
+    read_aperio_polygons,
+)
+from bundle.prepare.output import GeneratedFolders
 
 LISTS = ("training", "validation", "unlabeled", "test")
 SQUARE = [(2.0, 2.0), (6.0, 2.0), (6.0, 6.0), (2.0, 6.0)]  # (X, Y): pixel centres 2..6 on both axes -> 5 x 5

@@ -17,9 +17,9 @@ import torch
 from helpers import REPO_ROOT, child_env, config_files, make_workflow, run_python, small_overrides
 from ignite.engine import Events
 
-from bundle.data.synthetic import generate_synthetic_dataset
 from bundle.engine.trainer import NonFiniteLossError
 from bundle.errors import BundleInputError
+from bundle.prepare.synthetic import generate_synthetic_dataset
 
 EPOCHS, EPOCH_LENGTH = 3, 3
 

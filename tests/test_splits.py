@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bundle.data.splits import apportion, round_half_up, seeded_split
 from bundle.errors import BundleInputError
+from bundle.prepare.splits import apportion, round_half_up, seeded_split
 
 NAMES = [f"case_{index:02d}" for index in range(40)]
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bundle.data.datalist import load_datalist
-from bundle.data.synthetic import generate_synthetic_dataset, render_synthetic_case
 from bundle.errors import BundleInputError
+from bundle.prepare.synthetic import generate_synthetic_dataset, render_synthetic_case
 
 SMALL = {"num_labelled": 2, "num_unlabeled": 2, "num_validation": 1, "num_test": 1}
 

@@ -87,7 +87,14 @@ def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
         ("mpamatch", True, True, {"loss_u", "loss_img", "loss_txt"}, set()),
     ],
 )
-def test_ablation_presets(tmp_path, synthetic_dir, preset, semi, embedding, present, absent):
+def test_ablation_presets(tmp_path, synthetic_dir, monkeypatch, preset, semi, embedding, present, absent):
+    from bundle.text import PromptLearner
+
+    built = []  # the text encoder is loaded only by the presets with a text term
+    original_init = PromptLearner.__init__
+    monkeypatch.setattr(
+        PromptLearner, "__init__", lambda self, *a, **k: built.append(1) or original_init(self, *a, **k)
+    )
     workflow = make_workflow(
         config_files(preset), **small_overrides(tmp_path, synthetic_dir, max_epochs=1, epoch_length=2)
     )
@@ -96,6 +103,8 @@ def test_ablation_presets(tmp_path, synthetic_dir, preset, semi, embedding, pres
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.semi_supervised is semi
     assert trainer.loss_function.needs_embedding is embedding
+    assert len(built) == (1 if "loss_txt" in present else 0)
+    assert (trainer.loss_function.image_prototypes is not None) == ("loss_img" in present)
     history = record_terms(trainer)
     workflow.run()
     assert len(history) == 2

@@ -1,52 +1,30 @@
-"""Data handling: datalists (load, validate, embedded default), dataset preparation (GlaS, EBHI-Seg, KPI, MoNuSeg,
-generic folders; shared checks and splits), readers, transforms, training samplers, CutMix.
+"""What training and inference load: datalists (load, validate, write), image and mask readers, the one TIFF
+decoder, MONAI transforms the bundle adds, and the training samplers.
 
-Only the datalist helpers are imported eagerly (no torch), so ``python -m bundle.prepare`` starts fast; the torch
-based modules ``readers``, ``transforms``, ``sampling`` and ``cutmix`` load on first use.
+Dataset preparation (``python -m bundle.prepare``) and the embedded synthetic dataset are in :mod:`bundle.prepare`;
+CutMix, which works on batches already on the device, is in :mod:`bundle.engine.cutmix`. Only the datalist helpers
+are imported eagerly (no torch); ``readers``, ``transforms``, ``sampling`` and ``tiff`` load on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .datalist import DATALIST_FILENAME, PATH_KEYS, ensure_dataset, load_datalist, write_datalist
+from .datalist import DATALIST_FILENAME, PATH_KEYS, absolute_path, load_datalist, write_datalist
 
 __all__ = [
     "DATALIST_FILENAME",
     "PATH_KEYS",
-    "checks",
-    "cutmix",
-    "ebhi",
-    "ensure_dataset",
-    "folders",
-    "glas",
-    "kpi",
+    "absolute_path",
     "load_datalist",
-    "monuseg",
-    "output",
     "readers",
     "sampling",
-    "splits",
-    "synthetic",
+    "tiff",
     "transforms",
     "write_datalist",
 ]
 
-_LAZY = {
-    "checks",
-    "cutmix",
-    "ebhi",
-    "folders",
-    "glas",
-    "kpi",
-    "monuseg",
-    "output",
-    "readers",
-    "sampling",
-    "splits",
-    "synthetic",
-    "transforms",
-}
+_LAZY = {"readers", "sampling", "tiff", "transforms"}
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ __all__ = [
     "DATALIST_FILENAME",
     "LABELLED_KEYS",
     "PATH_KEYS",
-    "ensure_dataset",
+    "absolute_path",
     "load_datalist",
     "write_datalist",
 ]
@@ -33,7 +33,8 @@ LABELLED_KEYS = ("training", "validation", "test")
 logger = logging.getLogger(__name__)
 
 
-def _absolute(path: str | os.PathLike) -> str:
+def absolute_path(path: str | os.PathLike) -> str:
+    """``path`` with ``~`` expanded, made absolute."""
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
@@ -81,7 +82,7 @@ def load_datalist(
     ``require_label`` overrides whether items need a ``label`` (default: the lists of :data:`LABELLED_KEYS`).
     Raises :class:`BundleInputError` with a one-line message for every problem.
     """
-    dataset_dir = _absolute(dataset_dir)
+    dataset_dir = absolute_path(dataset_dir)
     if missing_ok and not os.path.isfile(os.path.join(dataset_dir, DATALIST_FILENAME)):
         logger.info("no %s in %s: the %r list is empty", DATALIST_FILENAME, dataset_dir, key)
         return []
@@ -129,7 +130,7 @@ def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> str:
     Readers never see a half-written datalist, and an interrupted write leaves the previous file (or none).
     Returns the absolute path.
     """
-    path = _absolute(path)
+    path = absolute_path(path)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -141,31 +142,3 @@ def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> str:
             os.remove(temporary)
         raise
     return path
-
-
-def ensure_dataset(dataset_dir: str | os.PathLike, default_dataset_dir: str | os.PathLike) -> str:
-    """Return ``dataset_dir`` as an absolute path, first writing the synthetic dataset there if it is the default.
-
-    Only when ``dataset_dir`` has no ``datalist.json`` and resolves to the same place as ``default_dataset_dir``
-    is the embedded synthetic dataset generated (see :func:`bundle.data.synthetic.generate_synthetic_dataset`);
-    any other folder is left alone, so that :func:`load_datalist` reports what is missing. An existing datalist is
-    never overwritten; the datalist is written last, so an interrupted generation is simply redone on the next call.
-    """
-    dataset_dir = _absolute(dataset_dir)
-    if os.path.isfile(os.path.join(dataset_dir, DATALIST_FILENAME)):
-        return dataset_dir
-    if os.path.realpath(dataset_dir) != os.path.realpath(_absolute(default_dataset_dir)):
-        return dataset_dir
-    if os.path.exists(dataset_dir) and not os.path.isdir(dataset_dir):
-        raise BundleInputError(f"default dataset folder {dataset_dir} exists but is not a folder")
-    # imported here: the synthetic module writes its datalist with write_datalist from this module
-    from bundle.data.synthetic import generate_synthetic_dataset
-
-    logger.info(
-        "no %s in the default dataset folder %s: generating the embedded synthetic dataset there "
-        "(use --dataset_dir to train on real data)",
-        DATALIST_FILENAME,
-        dataset_dir,
-    )
-    generate_synthetic_dataset(dataset_dir)
-    return dataset_dir

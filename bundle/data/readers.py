@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 from monai.config import PathLike
 from monai.data import ImageReader, PILReader
 from monai.utils import ensure_tuple
 from PIL import Image
 
 from ..errors import BundleInputError
+from .tiff import decode_tiff
 
 __all__ = [
     "PIL_SUFFIXES",
@@ -148,22 +148,6 @@ class _PendingFile:
     name: str
 
 
-def _tiff_channels_last(array: np.ndarray, axes: str, name: str) -> np.ndarray:
-    """Return ``array`` as (H, W) or (H, W, C) using tifffile's axes string (e.g. ``YX``, ``YXS``, ``SYX``, ``CYX``)."""
-    if len(axes) != array.ndim or "Y" not in axes or "X" not in axes:
-        raise BundleInputError(f"TIFF {name} has axes {axes!r} with shape {array.shape}; expected a 2D image")
-    keep = [i for i, axis in enumerate(axes) if axis in "YX" or array.shape[i] > 1]
-    squeezed_axes = "".join(axes[i] for i in keep)
-    array = array.reshape([array.shape[i] for i in keep])
-    extra = [i for i, axis in enumerate(squeezed_axes) if axis not in "YX"]
-    if len(extra) > 1 or (extra and array.shape[extra[0]] > 4):
-        raise BundleInputError(
-            f"TIFF {name} has axes {axes!r} with shape {array.shape}; expected a 2D image with at most 4 channels"
-        )
-    order = [squeezed_axes.index("Y"), squeezed_axes.index("X"), *extra]
-    return np.ascontiguousarray(np.transpose(array, order))
-
-
 class TiffReader(ImageReader):
     """Read ``.tif``/``.tiff`` files with tifffile (series 0, pyramid level 0) as (H, W[, C]) arrays.
 
@@ -200,21 +184,14 @@ class TiffReader(ImageReader):
     def load_file(self, name: str) -> tuple[np.ndarray, dict]:
         """Decode one TIFF file into (array, meta); :class:`BundleInputError` if that is impossible."""
         try:
-            with tifffile.TiffFile(name) as tif:
-                series = tif.series[0]
-                level = series.levels[0]
-                array = level.asarray()
-                axes = level.axes
-                photometric = getattr(series.keyframe, "photometric", None)
-                colormap = getattr(series.keyframe, "colormap", None)
+            decoded = decode_tiff(name)
         except BundleInputError:
             raise
         except FileNotFoundError:
             raise BundleInputError(f"{'image' if self.rgb else 'mask'} file {name} does not exist") from None
         except Exception as err:  # tifffile raises TiffFileError, ValueError, OSError, KeyError, ...
             raise BundleInputError(f"cannot read TIFF file {name}: {_one_line(err)}") from err
-        array = _tiff_channels_last(array, axes, name)
-        photometric_name = getattr(photometric, "name", str(photometric))
+        array, photometric_name, colormap = decoded.array, decoded.photometric, decoded.colormap
         if photometric_name in ("SEPARATED", "CIELAB", "ICCLAB", "ITULAB"):
             raise BundleInputError(f"TIFF {name} uses the {photometric_name} colour space; save it as RGB or grayscale")
         if self.rgb:

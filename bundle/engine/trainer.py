@@ -43,7 +43,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
-from bundle.data.cutmix import CutMix, roll_source
+from bundle.engine.cutmix import CutMix, roll_source
 from bundle.engine.distributed import rank
 from bundle.errors import BundleInputError
 from bundle.losses import MPAMatchLoss, StepOutputs
@@ -53,6 +53,7 @@ __all__ = ["NonFiniteLossError", "SemiSupervisedTrainer"]
 logger = logging.getLogger(__name__)
 
 CUTMIX_SOURCES = ("rolled", "batch")
+STRONG_KEYS = ("image_s1", "image_s2")  # the unlabelled batch's two strong views (configs/train.json)
 # the unlabelled loader's sampler epoch at the start of epoch e is e * this (it advances within an epoch when the
 # pool is exhausted), so that seeded epochs never share a shuffle
 _UNLABELED_EPOCHS_PER_EPOCH = 1000
@@ -63,13 +64,13 @@ class NonFiniteLossError(BundleInputError):
 
 
 @contextmanager
-def frozen_norm_statistics(network: torch.nn.Module, frozen: bool = True) -> Iterator[None]:
+def frozen_norm_statistics(network: torch.nn.Module) -> Iterator[None]:
     """Batch norm layers normalise with the batch's statistics but leave their running statistics unchanged.
 
     Used for the strong views: heavy colour jitter and grayscale shift the batch statistics so far from those of
     real images that running averages fed by them break the evaluation-mode network.
     """
-    layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
+    layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [
         (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers
     ]
@@ -107,15 +108,11 @@ class SemiSupervisedTrainer(Trainer):
         loss_function: the :class:`bundle.losses.MPAMatchLoss`.
         unlabeled_data_loader: yields ``image`` (weak), ``image_s1``, ``image_s2``; None -> supervised training.
         inferer: runs the network (``SimpleInferer`` by default; keyword arguments are passed through).
-        cutmix: the :class:`bundle.data.cutmix.CutMix` applied to the strong views (None: no CutMix).
+        cutmix: the :class:`bundle.engine.cutmix.CutMix` applied to the strong views (None: no CutMix).
         cutmix_source: "rolled" (the unlabelled batch rolled by one) or "batch" (another unlabelled batch,
             predicted in eval mode).
         amp: mixed precision on CUDA (ignored, with a log line, on a CPU); ``amp_kwargs={"dtype": ...}`` chooses
             bfloat16 (no gradient scaler) or float16 (with one).
-        strong_keys: keys of the two strong views in the unlabelled batch.
-        channels_last: move image batches to the channels-last memory format.
-        strong_views_update_norm_stats: let the strong views' forward update batch-norm running statistics
-            (UniMatch's code does; by default they do not, see :func:`frozen_norm_statistics`).
         seed: when given, at the start of every epoch the global random generators and the random state of every
             transform of both loaders' datasets are reset from ``(seed, epoch)``; both loaders restart every epoch.
         last_checkpoint: the resumable checkpoint the run writes, named in the error when the loss stops being
@@ -150,9 +147,6 @@ class SemiSupervisedTrainer(Trainer):
         amp_kwargs: dict | None = None,
         cutmix: CutMix | None = None,
         cutmix_source: str = "rolled",
-        strong_keys: Sequence[str] = ("image_s1", "image_s2"),
-        channels_last: bool = False,
-        strong_views_update_norm_stats: bool = False,
         seed: int | None = None,
         last_checkpoint: str | None = None,
     ) -> None:
@@ -189,9 +183,6 @@ class SemiSupervisedTrainer(Trainer):
         self.optim_set_to_none = optim_set_to_none
         self.cutmix = cutmix
         self.cutmix_source = cutmix_source
-        self.strong_keys = tuple(strong_keys)
-        self.channels_last = channels_last
-        self.strong_views_update_norm_stats = strong_views_update_norm_stats
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Any = None
         self.unlabeled_epoch = 0
@@ -278,10 +269,7 @@ class SemiSupervisedTrainer(Trainer):
         )
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = _plain(tensor).to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
-        if self.channels_last and tensor.ndim == 4:
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        return tensor
+        return _plain(tensor).to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
 
     # ---------------------------------------------------------------- iteration
 
@@ -290,8 +278,6 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         images, labels = _plain(batch[0]), _plain(batch[1])
-        if engine.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         unlabeled = engine._next_unlabeled() if engine.semi_supervised else None
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: labels}
 
@@ -337,8 +323,7 @@ class SemiSupervisedTrainer(Trainer):
 
     def _semi_supervised_forward(self, images: torch.Tensor, labels: torch.Tensor, unlabeled: dict) -> StepOutputs:
         weak = self._to_device(unlabeled[Keys.IMAGE])
-        strong1 = self._to_device(unlabeled[self.strong_keys[0]])
-        strong2 = self._to_device(unlabeled[self.strong_keys[1]])
+        strong1, strong2 = (self._to_device(unlabeled[key]) for key in STRONG_KEYS)
         n_x, n_u = images.shape[0], weak.shape[0]
         want_embedding = self.loss_function.needs_embedding
 
@@ -367,7 +352,7 @@ class SemiSupervisedTrainer(Trainer):
                 )
                 strong[view], pseudo_s[view], conf_s[view] = mixed["image"], mixed["pseudo"], mixed["conf"]
 
-        with frozen_norm_statistics(self.network, frozen=not self.strong_views_update_norm_stats):
+        with frozen_norm_statistics(self.network):
             out_s = self._forward_dict(torch.cat(strong), return_embedding=want_embedding)
         logits_s1, logits_s2 = out_s["logits"][:n_u], out_s["logits"][n_u:]
         emb = out.get("embedding")
@@ -398,7 +383,7 @@ class SemiSupervisedTrainer(Trainer):
         with torch.no_grad():
             conf, pseudo = self._forward(weak).float().softmax(dim=1).max(dim=1)
         self.network.train()
-        strong = [self._to_device(mix[key]) for key in self.strong_keys]
+        strong = [self._to_device(mix[key]) for key in STRONG_KEYS]
         return pseudo, conf, strong
 
     @staticmethod

@@ -8,7 +8,7 @@ warm-up ``w(t)``; without unlabelled data ``L = L_x + w(t) * (...)``. A term who
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +43,6 @@ class StepOutputs:
     conf_s1: torch.Tensor | None = None
     pseudo_s2: torch.Tensor | None = None
     conf_s2: torch.Tensor | None = None
-    valid_w: torch.Tensor | None = None
-    valid_s1: torch.Tensor | None = None
-    valid_s2: torch.Tensor | None = None
     embedding_w: torch.Tensor | None = None
     embedding_s1: torch.Tensor | None = None
     embedding_s2: torch.Tensor | None = None
@@ -66,9 +63,12 @@ class MPAMatchLoss(nn.Module):
         confidence_threshold: tau; pixels whose weak-view confidence reaches it are reliable.
         threshold_start: tau at iteration 0 when a threshold warm-up is wanted (None: no warm-up).
         threshold_warmup_iterations: iterations over which tau rises linearly from ``threshold_start``.
-        image_prototypes: the image prototype bank (needed when ``image_weight`` or ``align_weight`` > 0).
-        prompt_learner: module whose ``forward()`` returns text prototypes ``[C, D]`` (needed when ``text_weight``
-            or ``align_weight`` > 0).
+        image_prototypes: the image prototype bank, or a function that builds it (needed when ``image_weight`` or
+            ``align_weight`` > 0; otherwise it is neither built nor kept).
+        prompt_learner: module whose ``forward()`` returns text prototypes ``[C, D]``, or a function that builds it
+            (needed when ``text_weight`` or ``align_weight`` > 0; otherwise neither built nor kept: the text encoder
+            is not even loaded). The configs pass both as functions (``"_mode_": "callable"``), so this is the one
+            place that decides which prototype modules exist.
         image_weight, text_weight, align_weight: lambda_img, lambda_txt, lambda_align.
         prototype_warmup_iterations: linear warm-up of the three prototype weights (0: none).
         temperature: T of the prototype contrast.
@@ -85,8 +85,8 @@ class MPAMatchLoss(nn.Module):
         confidence_threshold: float = 0.95,
         threshold_start: float | None = None,
         threshold_warmup_iterations: int = 0,
-        image_prototypes: ImagePrototypeBank | None = None,
-        prompt_learner: nn.Module | None = None,
+        image_prototypes: ImagePrototypeBank | Callable[[], ImagePrototypeBank] | None = None,
+        prompt_learner: nn.Module | Callable[[], nn.Module] | None = None,
         image_weight: float = 0.1,
         text_weight: float = 0.1,
         align_weight: float = 0.0,
@@ -121,8 +121,8 @@ class MPAMatchLoss(nn.Module):
         # a module whose term has weight 0 is not kept: it costs nothing and is not checkpointed
         uses_bank = self.image_weight > 0 or self.align_weight > 0
         uses_text = self.text_weight > 0 or self.align_weight > 0
-        self.image_prototypes = image_prototypes if uses_bank else None
-        self.prompt_learner = prompt_learner if uses_text else None
+        self.image_prototypes = _built(image_prototypes) if uses_bank else None
+        self.prompt_learner = _built(prompt_learner) if uses_text else None
         self.prototype_warmup_iterations = int(prototype_warmup_iterations)
         self.temperature = float(temperature)
         self.max_sampled_pixels = int(max_sampled_pixels)
@@ -154,13 +154,12 @@ class MPAMatchLoss(nn.Module):
         if out.semi_supervised:
             reliable_w = out.conf_w >= tau
             w1, w2, wfp = self.consistency_weights
-            terms["loss_u_s1"] = self.consistency_loss(out.logits_s1, out.pseudo_s1, out.conf_s1 >= tau, out.valid_s1)
-            terms["loss_u_s2"] = self.consistency_loss(out.logits_s2, out.pseudo_s2, out.conf_s2 >= tau, out.valid_s2)
-            terms["loss_u_fp"] = self.consistency_loss(out.logits_fp, out.pseudo_w, reliable_w, out.valid_w)
+            terms["loss_u_s1"] = self.consistency_loss(out.logits_s1, out.pseudo_s1, out.conf_s1 >= tau)
+            terms["loss_u_s2"] = self.consistency_loss(out.logits_s2, out.pseudo_s2, out.conf_s2 >= tau)
+            terms["loss_u_fp"] = self.consistency_loss(out.logits_fp, out.pseudo_w, reliable_w)
             terms["loss_u"] = w1 * terms["loss_u_s1"] + w2 * terms["loss_u_s2"] + wfp * terms["loss_u_fp"]
             total = (terms["loss_x"] + terms["loss_u"]) / 2.0
-            valid_w = out.valid_w if out.valid_w is not None else torch.ones_like(reliable_w)
-            terms["reliable_ratio"] = (reliable_w & valid_w).float().sum() / valid_w.float().sum().clamp_min(1)
+            terms["reliable_ratio"] = reliable_w.float().mean()
             terms["threshold"] = terms["loss_x"].new_tensor(tau)  # on the device: logged with the others
         else:
             total = terms["loss_x"]
@@ -180,12 +179,11 @@ class MPAMatchLoss(nn.Module):
         # contrast pixels: ground truth on labelled images, reliable pseudo-labels on the strong views
         pools = [flatten_pixels(out.embedding_x, label_x, label_x != self.ignore_index)]
         if out.semi_supervised and out.embedding_s1 is not None:
-            for emb, pseudo, conf, valid in (
-                (out.embedding_s1, out.pseudo_s1, out.conf_s1, out.valid_s1),
-                (out.embedding_s2, out.pseudo_s2, out.conf_s2, out.valid_s2),
+            for emb, pseudo, conf in (
+                (out.embedding_s1, out.pseudo_s1, out.conf_s1),
+                (out.embedding_s2, out.pseudo_s2, out.conf_s2),
             ):
-                keep = conf >= tau if valid is None else (conf >= tau) & valid.bool()
-                pools.append(flatten_pixels(emb, squeeze_target(pseudo), keep))
+                pools.append(flatten_pixels(emb, squeeze_target(pseudo), conf >= tau))
         z = torch.cat([p[0] for p in pools])
         y = torch.cat([p[1] for p in pools])
         idx = sample_balanced_pixels(y, self.num_classes, self.max_sampled_pixels)
@@ -216,6 +214,10 @@ class MPAMatchLoss(nn.Module):
         """EMA update from labelled pixels (ground truth) and weak views (reliable pseudo-labels)."""
         pools = [flatten_pixels(out.embedding_x, label_x, label_x != self.ignore_index)]
         if out.semi_supervised and out.embedding_w is not None:
-            keep = out.conf_w >= tau if out.valid_w is None else (out.conf_w >= tau) & out.valid_w.bool()
-            pools.append(flatten_pixels(out.embedding_w, squeeze_target(out.pseudo_w), keep))
+            pools.append(flatten_pixels(out.embedding_w, squeeze_target(out.pseudo_w), out.conf_w >= tau))
         self.image_prototypes.update(torch.cat([p[0] for p in pools]), torch.cat([p[1] for p in pools]))
+
+
+def _built(module: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """A module as given, or built by calling the function given (a config component in ``callable`` mode)."""
+    return module if isinstance(module, nn.Module) else module()

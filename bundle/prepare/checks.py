@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from bundle.data.tiff import decode_tiff
 from bundle.errors import BundleInputError
 
 __all__ = [
@@ -129,24 +129,14 @@ def _tiff_mode(array: np.ndarray, photometric: str) -> str:
 
 
 def _read_tiff(what: str, path: str) -> tuple[np.ndarray, str]:
-    """Decode series 0 (level 0) of a TIFF file as the bundle's reader does; (H, W[, S]) array and its mode."""
+    """Decode a TIFF file with the bundle's TIFF decoder; (H, W[, S]) array and its mode."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            level = series.levels[0]
-            array = level.asarray()
-            axes = level.axes
-            photometric = getattr(series.keyframe.photometric, "name", "")
+        decoded = decode_tiff(path)
+    except BundleInputError:
+        raise
     except Exception as error:  # tifffile raises TiffFileError, ValueError, OSError, KeyError, ...
         raise _unreadable(what, path, error) from error
-    keep = [index for index, axis in enumerate(axes) if axis in "YX" or array.shape[index] > 1]
-    axes = "".join(axes[index] for index in keep)
-    array = array.reshape([array.shape[index] for index in keep])
-    if "Y" not in axes or "X" not in axes or len(axes) > 3:
-        raise BundleInputError(f"{what} {path} has TIFF axes {axes!r}; expected a 2D image")
-    order = [axes.index("Y"), axes.index("X")] + [index for index, axis in enumerate(axes) if axis not in "YX"]
-    array = np.transpose(array, order)
-    return array, _tiff_mode(array, photometric)
+    return decoded.array, _tiff_mode(decoded.array, decoded.photometric)
 
 
 def _pil_mode(image: Image.Image) -> str:

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bundle.data.checks import check_all, check_mask, files_by_stem, inspect_image
-from bundle.data.output import check_output, check_source, write_prepared
 from bundle.errors import BundleInputError
+from bundle.prepare.checks import check_all, check_mask, files_by_stem, inspect_image
+from bundle.prepare.output import check_output, check_source, write_prepared
 
 __all__ = [
     "GLAS_CLASS_NAMES",

@@ -24,20 +24,20 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bundle.data.checks import MASK_KINDS
 from bundle.data.datalist import DATALIST_FILENAME
-from bundle.data.ebhi import EBHI_TASKS, prepare_ebhi
-from bundle.data.folders import prepare_folders
-from bundle.data.glas import GLAS_SPLITS, prepare_glas
-from bundle.data.kpi import prepare_kpi
-from bundle.data.monuseg import prepare_monuseg
 from bundle.errors import BundleInputError
+from bundle.prepare.checks import MASK_KINDS
+from bundle.prepare.ebhi import EBHI_TASKS, prepare_ebhi
+from bundle.prepare.folders import prepare_folders
+from bundle.prepare.glas import GLAS_SPLITS, prepare_glas
+from bundle.prepare.kpi import prepare_kpi
+from bundle.prepare.monuseg import prepare_monuseg
 
 __all__ = ["build_parser", "main", "summarize_datalist"]
 
 _LISTS = ("training", "validation", "unlabeled", "test")
 # the preparers log their notices (grayscale/RGBA images, training overrides) as warnings below this logger
-_NOTICE_LOGGER = "bundle.data"
+_NOTICE_LOGGER = "bundle.prepare"
 
 
 def summarize_datalist(datalist: dict[str, Any]) -> list[str]:
@@ -291,7 +291,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in summarize_datalist(datalist):
         print(line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bundle.data.checks import ImageInfo, check_all, check_mask, colour_mode_notice, files_by_stem, read_image
-from bundle.data.output import GeneratedFolders, absolute, check_output, check_source, write_prepared
-from bundle.data.splits import seeded_split, validate_fractions
+from bundle.data.datalist import absolute_path
 from bundle.errors import BundleInputError
+from bundle.prepare.checks import ImageInfo, check_all, check_mask, colour_mode_notice, files_by_stem, read_image
+from bundle.prepare.output import GeneratedFolders, check_output, check_source, write_prepared
+from bundle.prepare.splits import seeded_split, validate_fractions
 
 __all__ = [
     "KPI_DISEASES",
@@ -344,7 +345,7 @@ def prepare_kpi(
 ) -> dict[str, Any]:
     """Write the tiles, masks and ``output/datalist.json`` of KPI ``source`` (see the module docstring)."""
     source = check_source(source, "KPI")
-    output = check_output([source], absolute(output), "KPI", force=force, writes_files=True)
+    output = check_output([source], absolute_path(output), "KPI", force=force, writes_files=True)
     with GeneratedFolders(output, ("tiles", "masks")) as folders:
         datalist = build_kpi_datalist(
             source,

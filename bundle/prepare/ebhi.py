@@ -29,7 +29,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from bundle.data.checks import (
+from bundle.data.datalist import absolute_path
+from bundle.errors import BundleInputError
+from bundle.prepare.checks import (
     IMAGE_SUFFIXES,
     ImageInfo,
     check_all,
@@ -38,9 +40,8 @@ from bundle.data.checks import (
     files_by_stem,
     inspect_image,
 )
-from bundle.data.output import absolute, check_output, check_source, write_prepared
-from bundle.data.splits import seeded_split, validate_fractions
-from bundle.errors import BundleInputError
+from bundle.prepare.output import check_output, check_source, write_prepared
+from bundle.prepare.splits import seeded_split, validate_fractions
 
 __all__ = [
     "EBHI_CLASSES",
@@ -244,7 +245,7 @@ def prepare_ebhi(
 ) -> dict[str, Any]:
     """Write ``output/datalist.json`` for the EBHI-Seg ``task`` (see :func:`build_ebhi_datalist`); return it."""
     source = check_source(source, "EBHI-Seg")
-    output = check_output([source], absolute(output), "EBHI-Seg", force=force)
+    output = check_output([source], absolute_path(output), "EBHI-Seg", force=force)
     datalist = build_ebhi_datalist(
         source,
         task,

@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from bundle.data.checks import (
+from bundle.data.datalist import absolute_path
+from bundle.errors import BundleInputError
+from bundle.prepare.checks import (
     IMAGE_SUFFIXES,
     MASK_KINDS,
     ImageInfo,
@@ -29,9 +31,8 @@ from bundle.data.checks import (
     files_by_stem,
     inspect_image,
 )
-from bundle.data.output import absolute, check_output, check_source, write_prepared
-from bundle.data.splits import seeded_split, validate_fractions
-from bundle.errors import BundleInputError
+from bundle.prepare.output import check_output, check_source, write_prepared
+from bundle.prepare.splits import seeded_split, validate_fractions
 
 __all__ = ["FolderCase", "build_folders_datalist", "find_folder_cases", "prepare_folders"]
 
@@ -180,7 +181,7 @@ def prepare_folders(
     sources = [check_source(images, "images"), check_source(masks, "masks")]
     if unlabeled is not None:
         sources.append(check_source(unlabeled, "unlabeled images"))
-    output = check_output(sources, absolute(output), "input", force=force)
+    output = check_output(sources, absolute_path(output), "input", force=force)
     datalist = build_folders_datalist(
         images,
         masks,

@@ -10,6 +10,7 @@ learnable but not trivial. Generation is deterministic: the same seed gives byte
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ import numpy as np
 from PIL import Image
 from skimage.filters import gaussian
 
-from bundle.data.datalist import DATALIST_FILENAME, write_datalist
+from bundle.data.datalist import DATALIST_FILENAME, absolute_path, write_datalist
 from bundle.errors import BundleInputError
 
-__all__ = ["SYNTHETIC_CLASS_NAMES", "generate_synthetic_dataset", "render_synthetic_case"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["SYNTHETIC_CLASS_NAMES", "ensure_dataset", "generate_synthetic_dataset", "render_synthetic_case"]
 
 SYNTHETIC_CLASS_NAMES = ("background", "gland")
 
@@ -393,3 +396,28 @@ def generate_synthetic_dataset(
         datalist[key] = items
     write_datalist(datalist, os.path.join(out_dir, DATALIST_FILENAME))
     return out_dir
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike, default_dataset_dir: str | os.PathLike) -> str:
+    """Return ``dataset_dir`` as an absolute path, first writing the synthetic dataset there if it is the default.
+
+    Only when ``dataset_dir`` has no ``datalist.json`` and resolves to the same place as ``default_dataset_dir``
+    is the embedded synthetic dataset generated (:func:`generate_synthetic_dataset`); any other folder is left alone,
+    so that :func:`~bundle.data.datalist.load_datalist` reports what is missing. An existing datalist is never
+    overwritten; the datalist is written last, so an interrupted generation is simply redone on the next call.
+    """
+    dataset_dir = absolute_path(dataset_dir)
+    if os.path.isfile(os.path.join(dataset_dir, DATALIST_FILENAME)):
+        return dataset_dir
+    if os.path.realpath(dataset_dir) != os.path.realpath(absolute_path(default_dataset_dir)):
+        return dataset_dir
+    if os.path.exists(dataset_dir) and not os.path.isdir(dataset_dir):
+        raise BundleInputError(f"default dataset folder {dataset_dir} exists but is not a folder")
+    logger.info(
+        "no %s in the default dataset folder %s: generating the embedded synthetic dataset there "
+        "(use --dataset_dir to train on real data)",
+        DATALIST_FILENAME,
+        dataset_dir,
+    )
+    generate_synthetic_dataset(dataset_dir)
+    return dataset_dir

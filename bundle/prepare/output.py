@@ -15,14 +15,10 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from bundle.data.datalist import DATALIST_FILENAME, write_datalist
+from bundle.data.datalist import DATALIST_FILENAME, absolute_path, write_datalist
 from bundle.errors import BundleInputError
 
-__all__ = ["GeneratedFolders", "absolute", "check_output", "check_source", "is_inside", "write_prepared"]
-
-
-def absolute(path: str | os.PathLike) -> str:
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+__all__ = ["GeneratedFolders", "check_output", "check_source", "is_inside", "write_prepared"]
 
 
 def is_inside(path: str, folder: str) -> bool:
@@ -33,7 +29,7 @@ def is_inside(path: str, folder: str) -> bool:
 
 def check_source(source: str | os.PathLike, label: str) -> str:
     """``source`` as an absolute path; :class:`BundleInputError` unless it is an existing folder."""
-    source = absolute(source)
+    source = absolute_path(source)
     if not os.path.isdir(source):
         what = "is not a folder" if os.path.exists(source) else "does not exist"
         raise BundleInputError(f"{label} source {source} {what}")
@@ -53,7 +49,7 @@ def check_output(
     ``label`` names the dataset in messages ("GlaS source ..."). With ``writes_files`` (tiles, masks) the output
     must not overlap any source.
     """
-    output = absolute(output)
+    output = absolute_path(output)
     target = os.path.join(output, DATALIST_FILENAME)
     if os.path.exists(output) and not os.path.isdir(output):
         raise BundleInputError(f"output {output} exists and is not a folder")

@@ -31,10 +31,11 @@ import numpy as np
 from PIL import Image
 from skimage.draw import polygon
 
-from bundle.data.checks import ImageInfo, check_all, check_mask, colour_mode_notice, files_by_stem, inspect_image
-from bundle.data.output import GeneratedFolders, absolute, check_output, check_source, write_prepared
-from bundle.data.splits import seeded_split, validate_fractions
+from bundle.data.datalist import absolute_path
 from bundle.errors import BundleInputError
+from bundle.prepare.checks import ImageInfo, check_all, check_mask, colour_mode_notice, files_by_stem, inspect_image
+from bundle.prepare.output import GeneratedFolders, check_output, check_source, write_prepared
+from bundle.prepare.splits import seeded_split, validate_fractions
 
 __all__ = [
     "MONUSEG_CLASS_NAMES",
@@ -325,7 +326,7 @@ def prepare_monuseg(
     sources = [check_source(source, "MoNuSeg")]
     if test_source is not None:
         sources.append(check_source(test_source, "MoNuSeg test"))
-    output = check_output(sources, absolute(output), "MoNuSeg", force=force, writes_files=True)
+    output = check_output(sources, absolute_path(output), "MoNuSeg", force=force, writes_files=True)
     with GeneratedFolders(output, ("masks",)) as folders:
         datalist = build_monuseg_datalist(
             sources[0],
