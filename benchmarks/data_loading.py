@@ -176,7 +176,7 @@ def measure(args: argparse.Namespace, data: Path) -> list[dict]:
             row = {"setup": name, "workers": workers, "pairs": args.iterations * args.epochs, "seconds": seconds}
             row["pairs_per_s"] = row["pairs"] / seconds
             if workers == 0:
-                row["labelled_ms"] = ms_per_sample(parser.get_parsed_content("train#dataset"), args.samples)
+                row["labeled_ms"] = ms_per_sample(parser.get_parsed_content("train#dataset"), args.samples)
                 row["unlabeled_ms"] = ms_per_sample(parser.get_parsed_content("train#unlabeled#dataset"), args.samples)
             row["batch"] = (
                 f"{parser.get_parsed_content('batch_size')}+{parser.get_parsed_content('unlabeled_batch_size')}"
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         before = next(r for r in results if r["workers"] == row["workers"] and r["setup"] == "before")
         row["x_before"] = row["pairs_per_s"] / before["pairs_per_s"]
-        per_sample = [f"{row[k]:.1f}" if k in row else "-" for k in ("labelled_ms", "unlabeled_ms")]
+        per_sample = [f"{row[k]:.1f}" if k in row else "-" for k in ("labeled_ms", "unlabeled_ms")]
         print(
             f"{row['workers']:>7} {row['setup']:>7} {row['batch']:>6} {row['pairs_per_s']:>8.2f} "
             f"{row['x_before']:>9.2f} {per_sample[0]:>12} {per_sample[1]:>14}"

@@ -42,5 +42,5 @@ def synthetic_dir(tmp_path_factory) -> Path:
     from bundle.prepare.synthetic import generate_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    generate_synthetic_dataset(out, image_size=96, num_labelled=3, num_unlabeled=4, num_validation=2, num_test=1)
+    generate_synthetic_dataset(out, image_size=96, num_labeled=3, num_unlabeled=4, num_validation=2, num_test=1)
     return out

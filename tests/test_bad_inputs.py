@@ -56,10 +56,10 @@ def _first(folder: Path) -> Path:
     "command, label",
     [
         (["glas", "--source", "{missing}", "--split", "10"], "GlaS"),
-        (["ebhi-gland", "--source", "{missing}", "--labelled-percent", "10"], "EBHI-Seg"),
-        (["ebhi-cancer", "--source", "{missing}", "--labelled-percent", "10"], "EBHI-Seg"),
-        (["kpi", "--source", "{missing}", "--labelled-percent", "10"], "KPI"),
-        (["monuseg", "--source", "{missing}", "--labelled-percent", "10"], "MoNuSeg"),
+        (["ebhi-gland", "--source", "{missing}", "--labeled-percent", "10"], "EBHI-Seg"),
+        (["ebhi-cancer", "--source", "{missing}", "--labeled-percent", "10"], "EBHI-Seg"),
+        (["kpi", "--source", "{missing}", "--labeled-percent", "10"], "KPI"),
+        (["monuseg", "--source", "{missing}", "--labeled-percent", "10"], "MoNuSeg"),
         (["folders", "--images", "{missing}", "--masks", "{missing}"], "images"),
     ],
 )
@@ -78,7 +78,7 @@ def test_missing_label_folder_is_named(tmp_path):
         label.unlink()
     (folder / "label").rmdir()
     with pytest.raises(BundleInputError, match=r"^EBHI-Seg class folder .*Adenocarcinoma has no label/ folder$"):
-        build_ebhi_datalist(folder.parent, "cancer", labelled_percent=50)
+        build_ebhi_datalist(folder.parent, "cancer", labeled_percent=50)
 
 
 def test_missing_file_behind_a_link_is_named(tmp_path):
@@ -96,7 +96,7 @@ def test_missing_mask_of_a_validation_patch_is_named(tmp_path):
     mask.unlink()
     image = mask.parent.parent / "img" / mask.name.replace("_mask", "_img")
     with pytest.raises(BundleInputError) as error:
-        prepare_kpi(source, tmp_path / "out", labelled_percent=50, test_fraction=0)
+        prepare_kpi(source, tmp_path / "out", labeled_percent=50, test_fraction=0)
     assert str(error.value) == f"no mask for validation image {image}: expected {str(mask)[:-4]}.jpg"
 
 
@@ -105,7 +105,7 @@ def test_empty_image_file_is_named(tmp_path):
     image = _first(folder / "image")
     image.write_bytes(b"")
     with pytest.raises(BundleInputError) as error:
-        build_ebhi_datalist(folder.parent, "cancer", labelled_percent=50)
+        build_ebhi_datalist(folder.parent, "cancer", labeled_percent=50)
     assert str(error.value) == f"image {image} is empty (0 bytes)"
 
 
@@ -114,7 +114,7 @@ def test_empty_mask_file_is_named(tmp_path):
     mask = _first(_first(source / KPI_TRAINING / "NEP25") / "mask")
     mask.write_bytes(b"")
     with pytest.raises(BundleInputError) as error:
-        prepare_kpi(source, tmp_path / "out", labelled_percent=50)
+        prepare_kpi(source, tmp_path / "out", labeled_percent=50)
     assert str(error.value) == f"mask {mask} is empty (0 bytes)"
 
 
@@ -124,7 +124,7 @@ def test_truncated_jpeg_image_is_named(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image, quality=95)
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     with pytest.raises(BundleInputError) as error:
-        prepare_kpi(source, tmp_path / "out", labelled_percent=50)
+        prepare_kpi(source, tmp_path / "out", labeled_percent=50)
     assert str(error.value).startswith(f"image {image} {CANNOT_READ}")
     assert "\n" not in str(error.value)
 
@@ -134,7 +134,7 @@ def test_truncated_tiff_image_is_named(tmp_path):
     image = training / "Tissue Images" / f"{monuseg_name(3)}.tif"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     with pytest.raises(BundleInputError) as error:
-        prepare_monuseg(training, tmp_path / "out", labelled_percent=50)
+        prepare_monuseg(training, tmp_path / "out", labeled_percent=50)
     assert str(error.value).startswith(f"image {image} {CANNOT_READ}failed to read 4800 bytes, got ")
 
 
@@ -152,7 +152,7 @@ def test_mask_size_differing_from_its_image_is_named(tmp_path):
     label = _first(folder / "label")
     Image.new("L", (32, 30)).save(label)
     with pytest.raises(BundleInputError) as error:
-        build_ebhi_datalist(folder.parent, "cancer", labelled_percent=50)
+        build_ebhi_datalist(folder.parent, "cancer", labeled_percent=50)
     assert str(error.value) == (
         f"mask {label} has size 32x30 but its image {folder / 'image' / label.name} has size 32x32"
     )
@@ -178,7 +178,7 @@ def test_grey_label_with_nothing_above_the_threshold_is_refused(tmp_path):
     values[4:20, 4:20] = 1  # a 0/1 label would be all background at > 127
     Image.fromarray(values).save(label)
     with pytest.raises(BundleInputError) as error:
-        build_ebhi_datalist(folder.parent, "cancer", labelled_percent=50)
+        build_ebhi_datalist(folder.parent, "cancer", labeled_percent=50)
     assert str(error.value) == (
         f"mask {label} has values {{0, 1}}, none above 127: it would be all background; expected a grey 0/255 mask "
         "whose foreground is > 127"
@@ -192,7 +192,7 @@ def test_colour_label_is_refused(tmp_path):
     colour[2:9, 2:9] = [255, 0, 0]
     Image.fromarray(colour).save(label)
     with pytest.raises(BundleInputError, match=r"^mask .* is a colour image whose red, green and blue values differ"):
-        build_ebhi_datalist(folder.parent, "cancer", labelled_percent=50)
+        build_ebhi_datalist(folder.parent, "cancer", labeled_percent=50)
 
 
 def test_grayscale_and_rgba_images_are_accepted_with_one_notice(tmp_path, capsys):
@@ -214,15 +214,15 @@ def test_grayscale_and_rgba_images_are_accepted_with_one_notice(tmp_path, capsys
     assert snapshot(source) == before
 
 
-def test_too_small_labelled_percentage_is_explained(tmp_path, capsys):
+def test_too_small_labeled_percentage_is_explained(tmp_path, capsys):
     folder = _ebhi(tmp_path)
     before = snapshot(tmp_path / "source")
-    args = ["ebhi-cancer", "--source", tmp_path / "source", "--output", tmp_path / "out", "--labelled-percent", 5]
+    args = ["ebhi-cancer", "--source", tmp_path / "source", "--output", tmp_path / "out", "--labeled-percent", 5]
     code, out, err = run_cli(capsys, *args)
     assert (code, out) == (2, "")
     # 6 labelled images: 1 validation, 1 test (1.2), 5 % of the other 4 rounds to 0
     assert err == (
-        "error: --labelled-percent 5 of the 4 training EBHI-Seg cancer images with a mask gives no labelled image; "
+        "error: --labeled-percent 5 of the 4 training EBHI-Seg cancer images with a mask gives no labelled image; "
         "use at least 12.5\n"
     )
     assert not (tmp_path / "out").exists() and snapshot(tmp_path / "source") == before
@@ -279,7 +279,7 @@ def test_bad_input_leaves_the_source_unchanged_and_writes_no_output(tmp_path, ca
     annotation.write_text("<Annotations><Annotation><Regions><Region")
     before = snapshot(tmp_path / "source")
     code, out, err = run_cli(
-        capsys, "monuseg", "--source", training, "--output", tmp_path / "out", "--labelled-percent", 50
+        capsys, "monuseg", "--source", training, "--output", tmp_path / "out", "--labeled-percent", 50
     )
     assert (code, out) == (2, "")
     assert err.startswith(f"error: annotation {annotation} is not valid XML: ") and err.count("\n") == 1
@@ -294,7 +294,7 @@ def test_same_kpi_patch_in_two_splits_is_named(tmp_path):
     write_kpi_patch(source / "train" / "DN" / "11_363", "DN_11_363_0_0", (32, 32), seed=1)
     write_kpi_patch(source / "validation" / "DN" / "11_363", "DN_11_363_0_0", (32, 32), seed=1)
     with pytest.raises(BundleInputError) as error:
-        prepare_kpi(source, tmp_path / "out", labelled_percent=100, test_fraction=0)
+        prepare_kpi(source, tmp_path / "out", labeled_percent=100, test_fraction=0)
     assert str(error.value) == (
         f"patch DN_11_363_0_0 of slide 11_363 is in two splits: {source / 'train/DN/11_363/img/DN_11_363_0_0_img.jpg'} "
         f"and {source / 'validation/DN/11_363/img/DN_11_363_0_0_img.jpg'}; keep only one"

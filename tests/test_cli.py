@@ -64,9 +64,9 @@ def test_prepare_and_train_on_real_glas_from_another_directory(tmp_path, glas_di
     assert "training: 7 images" in done.stdout and "unlabeled: 66 images" in done.stdout
     # fmt: off
     args = [
-        "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN_JSON}','{TINY_JSON}']",
-        "--bundle_root", str(REPO_ROOT),
-        "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models"),
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", f"['{TRAIN_JSON}','{TINY_JSON}','{data}/dataset.json']", "--bundle_root", str(REPO_ROOT),
+        "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models"),
         "--max_epochs", "1", "--epoch_length", "3", "--batch_size", "2", "--patch_size", "[64,64]",
         "--zoom_range", "[0.25,0.3]", "--sw_batch_size", "8", "--cache_rate", "0.0",
     ]

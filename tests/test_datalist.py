@@ -214,7 +214,7 @@ def small_synthetic(monkeypatch):
     """Make ensure_dataset generate a 6-image synthetic set (names syn_000..syn_005), to keep tests fast."""
     small = functools.partial(
         bundle.prepare.synthetic.generate_synthetic_dataset,
-        num_labelled=2,
+        num_labeled=2,
         num_unlabeled=2,
         num_validation=1,
         num_test=1,

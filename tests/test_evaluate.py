@@ -82,7 +82,7 @@ def test_evaluate_writes_metrics_per_part_csv_and_overlays(trained):
 
 def test_evaluate_without_a_checkpoint_is_one_clear_line(tmp_path):
     data = tmp_path / "data"
-    generate_synthetic_dataset(data, image_size=64, num_labelled=1, num_unlabeled=1, num_validation=1, num_test=1)
+    generate_synthetic_dataset(data, image_size=64, num_labeled=1, num_unlabeled=1, num_validation=1, num_test=1)
     missing = tmp_path / "models"
     done = run_bundle(
         ["train.json", "evaluate.json"],

@@ -32,7 +32,7 @@ DUMP_STATES = {
 @pytest.mark.parametrize("preset", ["mpamatch", "unimatch"])
 def test_two_process_torchrun_on_cpu(tmp_path, preset):
     data = tmp_path / "data"
-    generate_synthetic_dataset(data, image_size=96, num_labelled=4, num_unlabeled=4, num_validation=2, num_test=1)
+    generate_synthetic_dataset(data, image_size=96, num_labeled=4, num_unlabeled=4, num_validation=2, num_test=1)
     dump = tmp_path / "dump.json"
     states = dict(DUMP_STATES)
     if preset == "mpamatch":  # rank 1 starts from other prompt context vectors: rank 0's must reach it

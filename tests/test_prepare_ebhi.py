@@ -17,9 +17,6 @@ from bundle.prepare.ebhi import EBHI_TASKS, build_ebhi_datalist, find_ebhi_cases
 
 GLAND_CLASSES = ["Normal", "Polyp", "Low-grade IN", "High-grade IN", "Serrated adenoma"]
 LISTS = ("training", "validation", "unlabeled", "test")
-THRESHOLD_NOTICE = (
-    "notice: EBHI-Seg labels are grey with anti-aliased edges: train with --mask_mode threshold " "(foreground > 127)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -35,27 +32,34 @@ def test_gland_task_from_the_command_line(ebhi_root, tmp_path, capsys):
     source = ebhi_root.parent
     before = snapshot(source)
     code, out, err = run_cli(
-        capsys, "ebhi-gland", "--source", source, "--output", tmp_path / "out", "--labelled-percent", 50
+        capsys, "ebhi-gland", "--source", source, "--output", tmp_path / "out", "--labeled-percent", 50
     )
     assert code == 0, err
-    assert err.splitlines() == [THRESHOLD_NOTICE]
+    assert err == ""  # what training needs is in dataset.json, not in a notice for the user to type
     # 27 labelled images: 3 validation (2.7), 5 test (5.4), 10 of the other 19 labelled (9.5); 9 + 2 without label
+    dataset_file = tmp_path / "out" / "dataset.json"
     assert out.splitlines() == [
-        f"wrote {tmp_path / 'out' / 'datalist.json'}",
+        f"wrote {tmp_path / 'out' / 'datalist.json'} and {dataset_file}; train with --config_file "
+        f"\"['configs/train.json','{dataset_file}']\"",
         "training: 10 images (Normal 2, Polyp 2, Low-grade IN 3, High-grade IN 2, Serrated adenoma 1)",
         "validation: 3 images (Polyp 1, Low-grade IN 1, High-grade IN 1)",
         "unlabeled: 11 images (Normal 2, Polyp 3, Low-grade IN 3, High-grade IN 1, Serrated adenoma 2)",
         "test: 5 images (Normal 1, Polyp 1, Low-grade IN 1, High-grade IN 1, Serrated adenoma 1)",
     ]
     datalist = read_datalist(tmp_path / "out")
-    assert {key: datalist[key] for key in ("dataset", "classes", "num_classes", "class_names", "source")} == {
+    assert {key: datalist[key] for key in ("dataset", "classes", "source", "seed")} == {
         "dataset": "ebhi-gland",
         "classes": GLAND_CLASSES,
+        "source": str(ebhi_root),
+        "seed": 0,
+    }
+    assert json.loads(dataset_file.read_text()) == {
+        "dataset_dir": str(tmp_path / "out"),
         "num_classes": 2,
         "class_names": ["background", "gland"],
-        "source": str(ebhi_root),
+        "mask_mode": "threshold",
+        "mask_threshold": 127,
     }
-    assert (datalist["mask_mode"], datalist["mask_threshold"], datalist["seed"]) == ("threshold", 127, 0)
     first = datalist["training"][0]
     assert first == {
         "image": str(ebhi_root / "Normal" / "image" / f"{first['name']}.png"),
@@ -67,7 +71,7 @@ def test_gland_task_from_the_command_line(ebhi_root, tmp_path, capsys):
 
 
 def test_gland_lists_are_disjoint_complete_and_labelled_where_needed(ebhi_root):
-    datalist = build_ebhi_datalist(ebhi_root, "gland", labelled_percent=20, seed=5)
+    datalist = build_ebhi_datalist(ebhi_root, "gland", labeled_percent=20, seed=5)
     all_images = [path for key in LISTS for path in _paths(datalist, key)]
     assert len(all_images) == len(set(all_images)) == sum(EBHI_COUNTS[c] for c in GLAND_CLASSES) + 2
     assert {item["part"] for key in LISTS for item in datalist[key]} == set(GLAND_CLASSES)
@@ -80,8 +84,11 @@ def test_gland_lists_are_disjoint_complete_and_labelled_where_needed(ebhi_root):
 
 
 def test_cancer_task_uses_adenocarcinoma_only(ebhi_root):
-    datalist = build_ebhi_datalist(ebhi_root, "cancer", labelled_percent=50, val_fraction=0.125, test_fraction=0.25)
-    assert datalist["classes"] == ["Adenocarcinoma"] and datalist["class_names"] == ["background", "adenocarcinoma"]
+    datalist = build_ebhi_datalist(ebhi_root, "cancer", labeled_percent=50, val_fraction=0.125, test_fraction=0.25)
+    assert datalist["classes"] == ["Adenocarcinoma"]
+    settings = datalist["settings"]
+    assert settings["class_names"] == ["background", "adenocarcinoma"] and settings["mask_mode"] == "threshold"
+    assert "adenocarcinoma" in settings["class_descriptions"][1]  # not the train config's colon-gland text
     counts = {key: len(datalist[key]) for key in LISTS}
     assert counts == {"training": 3, "validation": 1, "unlabeled": 2, "test": 2}  # 8: 1, 2, then 3 of 5
     assert {item["part"] for key in LISTS for item in datalist[key]} == {"Adenocarcinoma"}
@@ -90,7 +97,7 @@ def test_cancer_task_uses_adenocarcinoma_only(ebhi_root):
 def test_same_seed_same_datalist_other_seed_other_split(ebhi_root, tmp_path, capsys):
     outputs = {}
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
-        args = ["ebhi-gland", "--source", ebhi_root, "--output", tmp_path / run, "--labelled-percent", 30]
+        args = ["ebhi-gland", "--source", ebhi_root, "--output", tmp_path / run, "--labeled-percent", 30]
         assert run_cli(capsys, *args, "--seed", seed)[0] == 0
         outputs[run] = (tmp_path / run / "datalist.json").read_bytes()
     assert outputs["a"] == outputs["b"]
@@ -130,7 +137,7 @@ def test_label_without_image_is_named(tmp_path):
     label = root / "Adenocarcinoma" / "label" / "GT2099-0001-400-001.png"
     Image.new("L", (32, 32)).save(label)
     with pytest.raises(BundleInputError) as error:
-        build_ebhi_datalist(root, "cancer", labelled_percent=50)
+        build_ebhi_datalist(root, "cancer", labeled_percent=50)
     assert str(error.value) == (
         f"label {label} has no image: expected {root / 'Adenocarcinoma' / 'image' / 'GT2099-0001-400-001'} with the "
         "same name"
@@ -158,16 +165,17 @@ def test_labels_are_binarised_above_127_when_loaded(ebhi_root):
     assert np.array_equal(np.asarray(classes[0]), (values > 127).astype(np.int64))
 
 
-def test_prepared_datalist_trains_with_the_threshold_override(tmp_path, capsys):
-    """A couple of iterations of the core bundle on a prepared EBHI-Seg datalist, with ``mask_mode`` set to
-    ``threshold`` as users pass ``--mask_mode threshold``."""
+def test_prepared_datalist_trains_with_its_dataset_json(tmp_path, capsys):
+    """A couple of iterations of the core bundle on a prepared EBHI-Seg datalist, its ``dataset.json`` merged after
+    ``configs/train.json`` as users do: ``mask_mode`` comes from there, typed by nobody."""
     from helpers import config_files, make_workflow, record_terms, small_overrides
 
     source = write_ebhi(tmp_path / "source", size=64, counts={name: 3 for name in GLAND_CLASSES})
     data = tmp_path / "data"
-    assert run_cli(capsys, "ebhi-gland", "--source", source, "--output", data, "--labelled-percent", 50)[0] == 0
+    assert run_cli(capsys, "ebhi-gland", "--source", source, "--output", data, "--labeled-percent", 50)[0] == 0
     overrides = small_overrides(tmp_path, data, max_epochs=1, epoch_length=2)
-    workflow = make_workflow(config_files(), **overrides, mask_mode="threshold")
+    del overrides["dataset_dir"]
+    workflow = make_workflow(config_files() + [str(data / "dataset.json")], **overrides)
     workflow.initialize()
     assert workflow.parser.get_parsed_content("load_mask")[2].converter.mode == "threshold"
     history = record_terms(workflow.parser.get_parsed_content("train#trainer"))

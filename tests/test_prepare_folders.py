@@ -21,7 +21,7 @@ def test_same_stem_matching_from_the_command_line(tmp_path, capsys):
     before = snapshot(source)
     out = tmp_path / "out"
     args = ["folders", "--images", source / "images", "--masks", source / "masks", "--output", out]
-    code, stdout, err = run_cli(capsys, *args, "--labelled-percent", 50, "--seed", 1)
+    code, stdout, err = run_cli(capsys, *args, "--labeled-percent", 50, "--seed", 1)
     assert code == 0 and err == ""
     # 10 masks: 1 validation, 2 test, 4 of the other 7 labelled (3.5); 3 + 3 without mask unlabelled
     assert stdout.splitlines()[1:] == [
@@ -42,7 +42,7 @@ def test_same_stem_matching_from_the_command_line(tmp_path, capsys):
     assert {"case_10", "case_11", "case_12"} <= set(unlabelled)
     names = sorted(item["name"] for key in LISTS for item in datalist[key])
     assert names == [f"case_{index:02d}" for index in range(13)]
-    assert (datalist["mask_type"], datalist["seed"], datalist["labelled_percent"]) == ("binary", 1, 50.0)
+    assert (datalist["mask_type"], datalist["seed"], datalist["labeled_percent"]) == ("binary", 1, 50.0)
     assert snapshot(source) == before
 
 
@@ -84,13 +84,21 @@ def test_extra_unlabelled_folder_and_instance_masks(tmp_path):
     assert [item["name"] for item in datalist["unlabeled"]] == ["extra_0", "extra_1", "extra_2"]
 
 
-def test_grey_masks_print_the_training_override(tmp_path, capsys):
+def test_grey_masks_set_the_threshold_mask_mode_in_dataset_json(tmp_path, capsys):
     source = write_folders(tmp_path / "source", labelled=6, unlabelled=0)
     Image.fromarray(np.full((24, 24), 200, dtype=np.uint8)).save(source / "masks" / "case_03.png")
     args = ["folders", "--images", source / "images", "--masks", source / "masks", "--output", tmp_path / "out"]
     code, _, err = run_cli(capsys, *args, "--mask-type", "grey", "--test-fraction", "0")
-    assert code == 0
-    assert err == "notice: grey masks are binarised when loaded: train with --mask_mode threshold (foreground > 127)\n"
+    assert code == 0 and err == ""
+    settings = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert settings == {"dataset_dir": str(tmp_path / "out"), "mask_mode": "threshold", "mask_threshold": 127}
+    # binary masks need nothing beyond the folder
+    binary = write_folders(tmp_path / "binary_source", labelled=6, unlabelled=0)
+    args = ["folders", "--images", binary / "images", "--masks", binary / "masks", "--output", tmp_path / "binary"]
+    code, _, _ = run_cli(capsys, *args, "--test-fraction", "0")
+    assert code == 0 and json.loads((tmp_path / "binary" / "dataset.json").read_text()) == {
+        "dataset_dir": str(tmp_path / "binary")
+    }
 
 
 def test_mask_without_image_and_two_masks_for_one_image_are_named(tmp_path):
@@ -103,3 +111,16 @@ def test_mask_without_image_and_two_masks_for_one_image_are_named(tmp_path):
     orphan.unlink()
     with pytest.raises(BundleInputError, match=r"^mask .*case_00_mask\.png does not end with the mask suffix '_m'$"):
         find_folder_cases(source / "images", source / "masks", mask_suffix="_m")
+
+
+def test_a_dataset_json_of_the_user_is_kept_unless_forced_and_the_old_flag_still_works(tmp_path, capsys):
+    source = write_folders(tmp_path / "source", labelled=6, unlabelled=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset.json").write_text('{"mine": true}')
+    args = ["folders", "--images", source / "images", "--masks", source / "masks", "--output", out]
+    code, _, err = run_cli(capsys, *args, "--labelled-percent", 50, "--test-fraction", "0")
+    assert code == 2 and err == f"error: {out / 'dataset.json'} already exists; pass --force to overwrite it\n"
+    assert (out / "dataset.json").read_text() == '{"mine": true}' and not (out / "datalist.json").exists()
+    code, _, _ = run_cli(capsys, *args, "--labelled-percent", 50, "--test-fraction", "0", "--force")
+    assert code == 0 and json.loads((out / "datalist.json").read_text())["labeled_percent"] == 50

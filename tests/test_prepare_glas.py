@@ -118,12 +118,16 @@ def test_real_glas_split_membership_and_natural_order(prepared):
 def test_real_glas_items_and_metadata(prepared, glas_dir):
     glas_dir = Path(os.path.abspath(glas_dir))
     datalist = prepared["datalists"][10]
-    assert {key: datalist[key] for key in ("dataset", "split", "num_classes", "class_names", "source")} == {
+    assert {key: datalist[key] for key in ("dataset", "split", "source")} == {
         "dataset": "glas",
         "split": 10,
+        "source": str(glas_dir),
+    }
+    # the settings training needs travel in dataset.json, merged after configs/train.json
+    assert json.loads((prepared["out"] / "split10" / "dataset.json").read_text()) == {
+        "dataset_dir": str(prepared["out"] / "split10"),
         "num_classes": 2,
         "class_names": ["background", "gland"],
-        "source": str(glas_dir),
     }
     assert datalist["training"][0] == {
         "image": str(glas_dir / "images" / "train_4.png"),
@@ -171,7 +175,8 @@ def test_existing_datalist_is_kept_unless_forced(prepared, glas_dir, capsys):
     code, out, err = _run(capsys, *args, "--force")
     assert code == 0 and err == ""
     assert out.splitlines() == [
-        f"wrote {target / 'datalist.json'}",
+        f"wrote {target / 'datalist.json'} and {target / 'dataset.json'}; train with --config_file "
+        f"\"['configs/train.json','{target / 'dataset.json'}']\"",
         "training: 7 images",
         "validation: 12 images",
         "unlabeled: 66 images",

@@ -37,7 +37,7 @@ def prepared(kpi_source, tmp_path_factory):
     """The fixture prepared with 32-pixel tiles (each 64x64 patch gives 4 tiles), 50 % labelled."""
     out = tmp_path_factory.mktemp("kpi_prepared") / "out"
     before = snapshot(kpi_source)
-    datalist = prepare_kpi(kpi_source, out, labelled_percent=50, tile_size=32)
+    datalist = prepare_kpi(kpi_source, out, labeled_percent=50, tile_size=32)
     return {"out": out, "datalist": datalist, "before": before}
 
 
@@ -57,8 +57,10 @@ def test_lists_counts_parts_and_files(prepared, kpi_source):
     # 9 training slides x 2 patches = 18 patches (one without a mask): 9 labelled (8.5), 9 unlabelled; 4 tiles each
     assert {key: len(datalist[key]) for key in LISTS} == {"training": 36, "validation": 8, "unlabeled": 36, "test": 8}
     assert {item["part"] for key in LISTS for item in datalist[key]} == set(KPI_DISEASES)
-    assert datalist["tile_size"] == 32 and datalist["class_names"] == ["background", "glomerulus"]
-    assert datalist == read_datalist(prepared["out"])
+    assert datalist["tile_size"] == 32 and datalist == read_datalist(prepared["out"])
+    settings = json.loads((prepared["out"] / "dataset.json").read_text())
+    assert settings["dataset_dir"] == str(prepared["out"]) and settings["class_names"] == ["background", "glomerulus"]
+    assert "glomerul" in settings["class_descriptions"][1]
     out = prepared["out"]
     for item in datalist["training"]:
         assert item["image"].startswith(str(out / "tiles" / "images")) and os.path.isfile(item["image"])
@@ -93,7 +95,7 @@ def test_tiles_of_a_2048_patch_cover_it_and_match_its_mask(tmp_path):
     slide = source / KPI_TRAINING / "NEP25" / "08_373_01"
     write_kpi_patch(slide, "NEP25_08_373_01_4096_14336", (2048, 2048), seed=3)
     write_kpi_patch(source / "validation" / "NEP25" / "08_374", "NEP25_08_374_0_0", (64, 64), seed=4)
-    datalist = prepare_kpi(source, tmp_path / "out", labelled_percent=100, test_fraction=0)
+    datalist = prepare_kpi(source, tmp_path / "out", labeled_percent=100, test_fraction=0)
     tiles = datalist["training"]
     assert len(tiles) == 16 and datalist["unlabeled"] == []
     image = np.asarray(Image.open(slide / "img" / "NEP25_08_373_01_4096_14336_img.jpg"))
@@ -119,7 +121,7 @@ def test_overlapping_last_tiles_when_the_side_is_not_a_multiple(tmp_path):
     source = tmp_path / "source"
     write_kpi_patch(source / "train" / "DN" / "11_363", "DN_11_363_0_0", (600, 520), seed=5)
     write_kpi_patch(source / "validation" / "DN" / "11_364", "DN_11_364_0_0", (64, 64), seed=6)
-    tiles = prepare_kpi(source, tmp_path / "out", labelled_percent=100, tile_size=256, test_fraction=0)["training"]
+    tiles = prepare_kpi(source, tmp_path / "out", labeled_percent=100, tile_size=256, test_fraction=0)["training"]
     origins = sorted(tuple(int(part[1:]) for part in item["name"].rsplit("_", 2)[-2:]) for item in tiles)
     assert origins == [(y, x) for y in (0, 256, 344) for x in (0, 256, 264)]
     image = np.asarray(Image.open(source / "train" / "DN" / "11_363" / "img" / "DN_11_363_0_0_img.jpg"))
@@ -133,7 +135,7 @@ def test_overlapping_last_tiles_when_the_side_is_not_a_multiple(tmp_path):
 def test_same_seed_same_datalist_other_seed_other_split(kpi_source, tmp_path, capsys):
     outputs = {}
     for run, seed in (("a", 1), ("b", 1), ("c", 2)):
-        args = ["kpi", "--source", kpi_source, "--output", tmp_path / run, "--labelled-percent", 50, "--seed", seed]
+        args = ["kpi", "--source", kpi_source, "--output", tmp_path / run, "--labeled-percent", 50, "--seed", seed]
         code, out, err = run_cli(capsys, *args, "--tile-size", 64)
         assert code == 0, err
         outputs[run] = json.loads((tmp_path / run / "datalist.json").read_text())
@@ -150,7 +152,7 @@ def test_without_validation_and_test_folders_whole_slides_are_held_out(tmp_path)
     source = write_kpi(tmp_path / "source", size=32, test=False)
     validation_folder = next(source.glob("*Validation*"))
     validation_folder.rename(tmp_path / "elsewhere")
-    datalist = prepare_kpi(source, tmp_path / "out", labelled_percent=100, val_fraction=0.25, test_fraction=0.25)
+    datalist = prepare_kpi(source, tmp_path / "out", labeled_percent=100, val_fraction=0.25, test_fraction=0.25)
     slides = {key: {item["image"].split(os.sep)[-3] for item in datalist[key]} for key in ("validation", "test")}
     training_slides = {item["image"].split(os.sep)[-2] for key in ("training", "unlabeled") for item in datalist[key]}
     assert len(slides["validation"]) == len(slides["test"]) == 2  # 9 slides (8 fully masked): round(0.25 * 8)
@@ -163,7 +165,7 @@ def test_without_validation_and_test_folders_whole_slides_are_held_out(tmp_path)
 
 def test_rerun_with_force_replaces_the_old_tiles(kpi_source, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["kpi", "--source", kpi_source, "--output", out, "--labelled-percent", 50]
+    args = ["kpi", "--source", kpi_source, "--output", out, "--labeled-percent", 50]
     assert run_cli(capsys, *args, "--tile-size", 32)[0] == 0
     old_tile = Path(next(item["image"] for item in read_datalist(out)["training"] if item["name"].endswith("_y32_x32")))
     code, _, err = run_cli(capsys, *args, "--tile-size", 64)
@@ -176,7 +178,7 @@ def test_rerun_with_force_replaces_the_old_tiles(kpi_source, tmp_path, capsys):
 def test_output_inside_the_source_is_refused(kpi_source, capsys):
     before = snapshot(kpi_source)
     code, out, err = run_cli(
-        capsys, "kpi", "--source", kpi_source, "--output", kpi_source / "prepared", "--labelled-percent", 50
+        capsys, "kpi", "--source", kpi_source, "--output", kpi_source / "prepared", "--labeled-percent", 50
     )
     assert code == 2 and out == ""
     assert err.startswith(f"error: output {kpi_source / 'prepared'} overlaps the KPI source {kpi_source}; ")
@@ -189,11 +191,11 @@ def test_a_failed_run_leaves_no_output(tmp_path):
     write_kpi_patch(source / "validation" / "DN" / "b", "DN_b_0_0", (64, 64), seed=2)
     (source / "validation" / "DN" / "b" / "mask" / "DN_b_0_0_mask.jpg").unlink()
     with pytest.raises(BundleInputError, match=r"^no mask for validation image .*DN_b_0_0_img\.jpg: expected "):
-        prepare_kpi(source, tmp_path / "out", labelled_percent=100, test_fraction=0)
+        prepare_kpi(source, tmp_path / "out", labeled_percent=100, test_fraction=0)
     assert not (tmp_path / "out").exists()  # the training tiles were staged, then removed with the new folder
     (tmp_path / "kept").mkdir()
     with pytest.raises(BundleInputError, match=r"^no mask for validation image "):
-        prepare_kpi(source, tmp_path / "kept", labelled_percent=100, test_fraction=0)
+        prepare_kpi(source, tmp_path / "kept", labeled_percent=100, test_fraction=0)
     assert os.listdir(tmp_path / "kept") == []
 
 
@@ -216,7 +218,7 @@ def test_grayscale_and_palette_patches_are_tiled_and_reported(tmp_path, capsys):
     palette = source / "train" / "DN" / "b" / "img" / "DN_b_0_0_img.png"
     (source / "train" / "DN" / "b" / "img" / "DN_b_0_0_img.jpg").unlink()
     Image.fromarray(np.asarray(Image.open(grey))).convert("P").save(palette)
-    args = ["kpi", "--source", source, "--output", tmp_path / "out", "--labelled-percent", 50, "--test-fraction", 0]
+    args = ["kpi", "--source", source, "--output", tmp_path / "out", "--labeled-percent", 50, "--test-fraction", 0]
     code, _, err = run_cli(capsys, *args, "--tile-size", 32)
     assert code == 0, err
     assert err.splitlines() == [

@@ -68,7 +68,7 @@ def test_degenerate_regions_are_skipped_and_reported(tmp_path, capsys):
         tifffile.imwrite(source / f"{monuseg_name(index)}.tif", tissue((20, 20), index), photometric="rgb")
         (source / f"{monuseg_name(index)}.xml").write_text(aperio_xml([SQUARE, [(1.0, 1.0), (3.0, 1.0)]]))
     code, _, err = run_cli(
-        capsys, "monuseg", "--source", source, "--output", tmp_path / "out", "--labelled-percent", 100
+        capsys, "monuseg", "--source", source, "--output", tmp_path / "out", "--labeled-percent", 100
     )
     assert code == 0, err
     first = source / f"{monuseg_name(0)}.xml"
@@ -82,7 +82,7 @@ def test_training_and_test_sources_from_the_command_line(monuseg_root, tmp_path,
     before = snapshot(monuseg_root)
     out = tmp_path / "out"
     training, testing = monuseg_root / MONUSEG_TRAINING, monuseg_root / MONUSEG_TEST
-    args = ["monuseg", "--source", training, "--test-source", testing, "--output", out, "--labelled-percent", 30]
+    args = ["monuseg", "--source", training, "--test-source", testing, "--output", out, "--labeled-percent", 30]
     code, stdout, err = run_cli(capsys, *args)
     assert code == 0 and err == ""
     # 10 training images: 1 validation, 3 of the other 9 labelled (2.7), 6 unlabelled; 4 test images
@@ -114,7 +114,7 @@ def test_instance_mask_is_read_back_by_the_bundle_reader(monuseg_root, tmp_path)
     from bundle.data.readers import ImageFileReader
 
     with GeneratedFolders(str(tmp_path / "out"), ("masks",)) as folders:
-        datalist = build_monuseg_datalist(monuseg_root / MONUSEG_TRAINING, folders, labelled_percent=100)
+        datalist = build_monuseg_datalist(monuseg_root / MONUSEG_TRAINING, folders, labeled_percent=100)
     item = datalist["training"][0]
     polygons, _ = read_aperio_polygons(str(monuseg_root / MONUSEG_TRAINING / "Annotations" / f"{item['name']}.xml"))
     values, _ = ImageFileReader(rgb=False).load_file(item["instance_label"])
@@ -125,7 +125,7 @@ def test_seeded_test_split_without_test_source(monuseg_root, tmp_path, capsys):
     training = monuseg_root / MONUSEG_TRAINING
     outputs = {}
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):
-        args = ["monuseg", "--source", training, "--output", tmp_path / run, "--labelled-percent", 50, "--seed", seed]
+        args = ["monuseg", "--source", training, "--output", tmp_path / run, "--labeled-percent", 50, "--seed", seed]
         assert run_cli(capsys, *args)[0] == 0
         text = (tmp_path / run / "datalist.json").read_text()
         outputs[run] = json.loads(text.replace(str(tmp_path / run), "OUT"))
@@ -151,7 +151,7 @@ def test_nested_official_folder_and_mask_files_instead_of_xml(tmp_path):
     cases = find_monuseg_cases(tmp_path / "download")
     assert [case.mask for case in cases] == [str(data / "Masks" / f"{monuseg_name(i)}.png") for i in range(6)]
     with GeneratedFolders(str(tmp_path / "out"), ("masks",)) as folders:
-        datalist = build_monuseg_datalist(tmp_path / "download", folders, labelled_percent=100, test_fraction=0.2)
+        datalist = build_monuseg_datalist(tmp_path / "download", folders, labeled_percent=100, test_fraction=0.2)
     items = {item["name"]: item for key in LISTS for item in datalist[key]}
     assert items[monuseg_name(0)]["instance_label"] == items[monuseg_name(0)]["label"]
     assert "instance_label" not in items[monuseg_name(5)]  # a 0/255 mask: objects come from connected components
@@ -167,7 +167,7 @@ def test_malformed_xml_is_named(tmp_path):
     assert str(error.value).startswith(f"annotation {path} is not valid XML: ")
     with pytest.raises(BundleInputError, match=r"^annotation .*TCGA-01-1001-01Z-00-DX1\.xml is not valid XML"):
         with GeneratedFolders(str(tmp_path / "out"), ("masks",)) as folders:
-            build_monuseg_datalist(tmp_path / MONUSEG_TRAINING, folders, labelled_percent=100, val_fraction=0.4)
+            build_monuseg_datalist(tmp_path / MONUSEG_TRAINING, folders, labeled_percent=100, val_fraction=0.4)
 
 
 def test_non_numeric_vertex_and_wrong_root_are_named(tmp_path):
@@ -206,16 +206,16 @@ def test_test_source_needs_annotations_and_distinct_names(monuseg_root, tmp_path
     training = monuseg_root / MONUSEG_TRAINING
     with GeneratedFolders(str(tmp_path / "out"), ("masks",)) as folders:
         with pytest.raises(BundleInputError, match=r"^two images named TCGA-00-1000-01Z-00-DX1: "):
-            build_monuseg_datalist(training, folders, labelled_percent=50, test_source=training)
+            build_monuseg_datalist(training, folders, labeled_percent=50, test_source=training)
     testing = tmp_path / "test"
     testing.mkdir()
     tifffile.imwrite(testing / "TCGA-77-0001-01Z-00-DX1.tif", tissue((40, 40), 1), photometric="rgb")
     with GeneratedFolders(str(tmp_path / "out"), ("masks",)) as folders:
         with pytest.raises(BundleInputError) as error:
-            build_monuseg_datalist(training, folders, labelled_percent=50, test_source=testing)
+            build_monuseg_datalist(training, folders, labeled_percent=50, test_source=testing)
     assert str(error.value) == (
         f"test image {testing / 'TCGA-77-0001-01Z-00-DX1.tif'} has no annotation: expected "
         "TCGA-77-0001-01Z-00-DX1.xml (or a mask file) next to it"
     )
     with pytest.raises(BundleInputError, match=r"^pass either --test-source or --test-fraction, not both$"):
-        build_monuseg_datalist(training, None, labelled_percent=50, test_source=testing, test_fraction=0.2)
+        build_monuseg_datalist(training, None, labeled_percent=50, test_source=testing, test_fraction=0.2)

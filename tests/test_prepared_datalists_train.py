@@ -17,7 +17,7 @@ from helpers import config_files, make_workflow, record_terms, small_overrides
 def prepare_kpi(tmp_path: Path, capsys) -> Path:
     source = write_kpi(tmp_path / "source", size=96)
     out = tmp_path / "data"
-    args = ["kpi", "--source", source, "--output", out, "--labelled-percent", 50, "--tile-size", 64]
+    args = ["kpi", "--source", source, "--output", out, "--labeled-percent", 50, "--tile-size", 64]
     assert run_cli(capsys, *args)[0] == 0
     return out
 
@@ -25,7 +25,7 @@ def prepare_kpi(tmp_path: Path, capsys) -> Path:
 def prepare_monuseg(tmp_path: Path, capsys) -> Path:
     train, test = write_monuseg(tmp_path / "source", size=64)
     out = tmp_path / "data"
-    args = ["monuseg", "--source", train, "--test-source", test, "--output", out, "--labelled-percent", 50]
+    args = ["monuseg", "--source", train, "--test-source", test, "--output", out, "--labeled-percent", 50]
     assert run_cli(capsys, *args)[0] == 0
     return out
 
@@ -41,8 +41,13 @@ def prepare_folders(tmp_path: Path, capsys) -> Path:
 @pytest.mark.parametrize("prepare", [prepare_kpi, prepare_monuseg, prepare_folders], ids=["kpi", "monuseg", "folders"])
 def test_prepared_datalist_trains(tmp_path, capsys, prepare):
     data = prepare(tmp_path, capsys)
-    workflow = make_workflow(config_files(), **small_overrides(tmp_path, data, max_epochs=1, epoch_length=2))
+    overrides = small_overrides(tmp_path, data, max_epochs=1, epoch_length=2)
+    del overrides["dataset_dir"]  # from the dataset.json the preparer wrote, merged after train.json
+    workflow = make_workflow(config_files() + [str(data / "dataset.json")], **overrides)
     workflow.initialize()
+    assert workflow.parser.get_parsed_content("dataset_dir") == str(data)
+    expected_class = {"kpi": "glomerulus", "monuseg": "nucleus", "folders": "gland"}[prepare.__name__.split("_")[1]]
+    assert workflow.parser.get_parsed_content("class_names")[1] == expected_class
     trainer = workflow.parser.get_parsed_content("train#trainer")
     history = record_terms(trainer)
     workflow.run()

@@ -31,7 +31,7 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "data"
-    generate_synthetic_dataset(out, image_size=96, num_labelled=3, num_unlabeled=5, num_validation=2, num_test=1)
+    generate_synthetic_dataset(out, image_size=96, num_labeled=3, num_unlabeled=5, num_validation=2, num_test=1)
     return out
 
 

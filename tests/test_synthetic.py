@@ -14,7 +14,7 @@ from bundle.data.datalist import load_datalist
 from bundle.errors import BundleInputError
 from bundle.prepare.synthetic import generate_synthetic_dataset, render_synthetic_case
 
-SMALL = {"num_labelled": 2, "num_unlabeled": 2, "num_validation": 1, "num_test": 1}
+SMALL = {"num_labeled": 2, "num_unlabeled": 2, "num_validation": 1, "num_test": 1}
 
 
 def _file_bytes(folder: Path) -> dict[str, bytes]:
@@ -126,7 +126,7 @@ def test_another_seed_gives_other_images(tmp_path):
 
 def test_other_image_size(tmp_path):
     out = generate_synthetic_dataset(
-        tmp_path, image_size=96, num_labelled=1, num_unlabeled=0, num_validation=1, num_test=0
+        tmp_path, image_size=96, num_labeled=1, num_unlabeled=0, num_validation=1, num_test=0
     )
     datalist = json.loads(Path(out, "datalist.json").read_text())
     assert datalist["unlabeled"] == [] and datalist["test"] == []
@@ -137,7 +137,7 @@ def test_other_image_size(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"num_labelled": 0}, "synthetic dataset option num_labelled must be at least 1, got 0"),
+        ({"num_labeled": 0}, "synthetic dataset option num_labeled must be at least 1, got 0"),
         ({"num_test": -1}, "synthetic dataset option num_test must be a non-negative integer, got -1"),
         ({"num_unlabeled": 2.5}, "synthetic dataset option num_unlabeled must be a non-negative integer, got 2.5"),
         ({"image_size": 16}, "synthetic dataset option image_size must be an integer of at least 32, got 16"),

@@ -1,17 +1,18 @@
 """Command line that turns a downloaded dataset into a datalist the bundle can train on.
 
     python -m bundle.prepare glas --source SRC --output OUT --split {10,20,100} [--force]
-    python -m bundle.prepare ebhi-gland --source SRC --output OUT --labelled-percent 10 [--seed 0]
-    python -m bundle.prepare ebhi-cancer --source SRC --output OUT --labelled-percent 10 [--seed 0]
-    python -m bundle.prepare kpi --source SRC --output OUT --labelled-percent 10 [--tile-size 512]
-    python -m bundle.prepare monuseg --source SRC [--test-source TEST] --output OUT --labelled-percent 10
+    python -m bundle.prepare ebhi-gland --source SRC --output OUT --labeled-percent 10 [--seed 0]
+    python -m bundle.prepare ebhi-cancer --source SRC --output OUT --labeled-percent 10 [--seed 0]
+    python -m bundle.prepare kpi --source SRC --output OUT --labeled-percent 10 [--tile-size 512]
+    python -m bundle.prepare monuseg --source SRC [--test-source TEST] --output OUT --labeled-percent 10
     python -m bundle.prepare folders --images DIR --masks DIR [--mask-suffix _mask] --output OUT
 
-Each dataset is one sub-command (registered in ``_DATASETS``); ``docs/datasets.md`` describes each layout and
-split. Sources are only read; the command writes ``OUT/datalist.json`` (absolute paths), plus tiles or masks under
-``OUT`` for KPI and MoNuSeg, and prints one summary line per list. Notices (grayscale or RGBA images, the training
-override a dataset needs) are printed as ``notice: ...`` lines on stderr. Problems with the input are reported as
-one ``error: ...`` line with exit status 2.
+Each dataset is one sub-command (registered in ``_DATASETS``); ``docs/datasets.md`` describes each layout and split.
+Sources are only read; the command writes ``OUT/datalist.json`` (absolute paths) and ``OUT/dataset.json`` (a config
+override file: ``dataset_dir`` and the dataset's classes and mask settings, merged after ``configs/train.json``), plus
+tiles or masks under ``OUT`` for KPI and MoNuSeg, and prints one summary line per list. Notices (grayscale or RGBA
+images, skipped annotations) are printed as ``notice: ...`` lines on stderr. Problems with the input are reported as one
+``error: ...`` line with exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bundle.data.datalist import DATALIST_FILENAME
+from bundle.data.datalist import DATALIST_FILENAME, absolute_path
 from bundle.errors import BundleInputError
 from bundle.prepare.checks import MASK_KINDS
 from bundle.prepare.ebhi import EBHI_TASKS, prepare_ebhi
@@ -32,6 +33,7 @@ from bundle.prepare.folders import prepare_folders
 from bundle.prepare.glas import GLAS_SPLITS, prepare_glas
 from bundle.prepare.kpi import prepare_kpi
 from bundle.prepare.monuseg import prepare_monuseg
+from bundle.prepare.output import DATASET_FILENAME
 
 __all__ = ["build_parser", "main", "summarize_datalist"]
 
@@ -65,7 +67,11 @@ def _add_glas(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="GlaS folder: images/<name>.png + masks/<name>.png, or the official release (<name>.bmp, <name>_anno.bmp)",
     )
-    parser.add_argument("--output", required=True, help=f"folder to write {DATALIST_FILENAME} to (created if needed)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help=f"folder to write {DATALIST_FILENAME} and {DATASET_FILENAME} to (created if needed)",
+    )
     parser.add_argument(
         "--split", required=True, type=int, choices=GLAS_SPLITS, help="percentage of labelled training images"
     )
@@ -80,20 +86,26 @@ def _run_glas(args: argparse.Namespace) -> dict[str, Any]:
 def _add_common(
     parser: argparse.ArgumentParser,
     *,
-    labelled_required: bool = True,
+    labeled_required: bool = True,
     test_fraction: float | None = 0.2,
     test_fraction_help: str = "",
 ) -> None:
-    """--output, --labelled-percent, --val-fraction, --test-fraction, --seed and --force."""
-    parser.add_argument("--output", required=True, help=f"folder to write {DATALIST_FILENAME} to (created if needed)")
+    """--output, --labeled-percent, --val-fraction, --test-fraction, --seed and --force."""
     parser.add_argument(
-        "--labelled-percent",
+        "--output",
+        required=True,
+        help=f"folder to write {DATALIST_FILENAME} and {DATASET_FILENAME} to (created if needed)",
+    )
+    parser.add_argument(
+        "--labeled-percent",
+        "--labelled-percent",  # the old spelling, still accepted
+        dest="labeled_percent",
         type=float,
-        required=labelled_required,
-        default=None if labelled_required else 100.0,
+        required=labeled_required,
+        default=None if labeled_required else 100.0,
         metavar="P",
         help="percentage of the training images with a mask that are labelled (e.g. 10, 20)"
-        + ("" if labelled_required else "; default 100"),
+        + ("" if labeled_required else "; default 100"),
     )
     parser.add_argument(
         "--val-fraction", type=float, default=0.1, metavar="F", help="fraction of images for validation (0.1)"
@@ -115,8 +127,8 @@ def _add_ebhi(subparsers: argparse._SubParsersAction, task: str) -> None:
         f"ebhi-{task}",
         help=f"EBHI-Seg {task} segmentation ({classes})",
         description=f"Write the datalist of the EBHI-Seg {task} task (classes {classes}): seeded per-class "
-        "validation, test and labelled splits; items carry the class as 'part'. Labels are binarised at load time: "
-        "train with --mask_mode threshold.",
+        "validation, test and labelled splits; items carry the class as 'part'. Labels are binarised at load time "
+        "(dataset.json sets mask_mode).",
     )
     parser.add_argument(
         "--source", required=True, help="EBHI-Seg folder holding <class>/image/*.png and <class>/label/*.png"
@@ -130,7 +142,7 @@ def _run_ebhi(args: argparse.Namespace) -> dict[str, Any]:
         args.source,
         args.output,
         args.task,
-        labelled_percent=args.labelled_percent,
+        labeled_percent=args.labeled_percent,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,
@@ -164,7 +176,7 @@ def _run_kpi(args: argparse.Namespace) -> dict[str, Any]:
     return prepare_kpi(
         args.source,
         args.output,
-        labelled_percent=args.labelled_percent,
+        labeled_percent=args.labeled_percent,
         tile_size=args.tile_size,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -198,7 +210,7 @@ def _run_monuseg(args: argparse.Namespace) -> dict[str, Any]:
     return prepare_monuseg(
         args.source,
         args.output,
-        labelled_percent=args.labelled_percent,
+        labeled_percent=args.labeled_percent,
         test_source=args.test_source,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -226,7 +238,7 @@ def _add_folders(subparsers: argparse._SubParsersAction) -> None:
         default="binary",
         help="binary: 0/255 or 0/1 (default); instance: integer object ids; grey: 8-bit, foreground > 127",
     )
-    _add_common(parser, labelled_required=False)
+    _add_common(parser, labeled_required=False)
     parser.set_defaults(run=_run_folders)
 
 
@@ -238,7 +250,7 @@ def _run_folders(args: argparse.Namespace) -> dict[str, Any]:
         mask_suffix=args.mask_suffix,
         unlabeled=args.unlabeled,
         mask_type=args.mask_type,
-        labelled_percent=args.labelled_percent,
+        labeled_percent=args.labeled_percent,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,
@@ -287,7 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         notices.removeHandler(handler)
         notices.propagate = propagate
-    print(f"wrote {os.path.join(os.path.abspath(os.path.expanduser(args.output)), DATALIST_FILENAME)}")
+    output = absolute_path(args.output)
+    dataset_file = os.path.join(output, DATASET_FILENAME)
+    print(
+        f"wrote {os.path.join(output, DATALIST_FILENAME)} and {dataset_file}; train with --config_file "
+        f"\"['configs/train.json','{dataset_file}']\""
+    )
     for line in summarize_datalist(datalist):
         print(line)
     return 0

@@ -15,10 +15,11 @@ with the classes ``Normal``, ``Polyp``, ``Low-grade IN``, ``High-grade IN``, ``S
 High-grade IN belongs to the gland task: it is a non-invasive (intraepithelial) lesion labelled like the other
 gland classes, and putting it with adenocarcinoma would mix two meanings of "foreground" in one task.
 
-Labels are binarised at load time (foreground > 127) by the bundle's ``MaskToClassd(mode="threshold")``; train with
-``--mask_mode threshold``. Images without a label can only be unlabelled. Per class (stratified), a seeded
+Labels are binarised at load time (foreground > 127) by the bundle's ``MaskToClassd(mode="threshold")``: the
+``dataset.json`` written next to the datalist sets ``mask_mode`` and the task's classes. Images without a label can
+only be unlabelled. Per class (stratified), a seeded
 ``--val-fraction`` and ``--test-fraction`` of the labelled images go to validation and test, and
-``--labelled-percent`` of the remaining labelled images are the labelled training set; every item carries
+``--labeled-percent`` of the remaining labelled images are the labelled training set; every item carries
 ``"part"`` = its class folder, so evaluation reports per class. Nothing is written into the source.
 """
 
@@ -59,21 +60,30 @@ logger = logging.getLogger(__name__)
 EBHI_CLASSES = ("Normal", "Polyp", "Low-grade IN", "High-grade IN", "Serrated adenoma", "Adenocarcinoma")
 EBHI_MASK_THRESHOLD = 127
 _IMAGE_FOLDER, _LABEL_FOLDER = "image", "label"
-_TRAINING_OVERRIDE = "--mask_mode threshold"
 
 
 @dataclass(frozen=True)
 class EbhiTask:
-    """One segmentation task: the class folders it uses and the names of its two output classes."""
+    """One segmentation task: the class folders it uses, the names of its two output classes and, where the train
+    config's colon-gland descriptions do not fit, what the text prototypes should encode."""
 
     name: str
     classes: tuple[str, ...]
     class_names: tuple[str, str]
+    class_descriptions: tuple[str, str] | None = None
 
 
 EBHI_TASKS = {
     "gland": EbhiTask("gland", EBHI_CLASSES[:5], ("background", "gland")),
-    "cancer": EbhiTask("cancer", ("Adenocarcinoma",), ("background", "adenocarcinoma")),
+    "cancer": EbhiTask(
+        "cancer",
+        ("Adenocarcinoma",),
+        ("background", "adenocarcinoma"),
+        (
+            "background of a colon histology image: stroma, lumen and other tissue outside the tumour",
+            "adenocarcinoma in a colon histology image: malignant glands with crowded, irregular, atypical epithelium",
+        ),
+    ),
 }
 
 
@@ -180,7 +190,7 @@ def build_ebhi_datalist(
     source: str | os.PathLike,
     task: str,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -188,12 +198,12 @@ def build_ebhi_datalist(
     """Find and check the EBHI-Seg files of ``task`` (``"gland"`` or ``"cancer"``) and return its datalist."""
     if task not in EBHI_TASKS:
         raise BundleInputError(f"EBHI-Seg task must be one of {', '.join(EBHI_TASKS)}, got {task!r}")
-    validate_fractions(labelled_percent, val_fraction, test_fraction)
+    validate_fractions(labeled_percent, val_fraction, test_fraction)
     root, cases = find_ebhi_cases(source, EBHI_TASKS[task])
     by_key = {case.key: case for case in cases}
     split = seeded_split(
         by_key,
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -205,11 +215,6 @@ def build_ebhi_datalist(
     notice = colour_mode_notice(images)
     if notice:
         logger.warning(notice)
-    logger.warning(
-        "EBHI-Seg labels are grey with anti-aliased edges: train with %s (foreground > %d)",
-        _TRAINING_OVERRIDE,
-        EBHI_MASK_THRESHOLD,
-    )
 
     def items(keys: list[str], labelled: bool) -> list[dict[str, Any]]:
         ordered = sorted(keys, key=lambda key: (EBHI_CLASSES.index(by_key[key].part), by_key[key].name))
@@ -219,14 +224,18 @@ def build_ebhi_datalist(
     return {
         "dataset": f"ebhi-{task}",
         "classes": list(task_info.classes),
-        "labelled_percent": labelled_percent,
+        "labeled_percent": labeled_percent,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
-        "num_classes": len(task_info.class_names),
-        "class_names": list(task_info.class_names),
-        "mask_mode": "threshold",
-        "mask_threshold": EBHI_MASK_THRESHOLD,
+        "settings": {
+            "num_classes": len(task_info.class_names),
+            "class_names": list(task_info.class_names),
+            **({"class_descriptions": list(task_info.class_descriptions)} if task_info.class_descriptions else {}),
+            # the labels are grey with anti-aliased edges: binarised when loaded
+            "mask_mode": "threshold",
+            "mask_threshold": EBHI_MASK_THRESHOLD,
+        },
         "source": root,
         **split.datalist_lists(items),
     }
@@ -237,7 +246,7 @@ def prepare_ebhi(
     output: str | os.PathLike,
     task: str,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -249,7 +258,7 @@ def prepare_ebhi(
     datalist = build_ebhi_datalist(
         source,
         task,
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,

@@ -5,11 +5,12 @@ is ``<name><suffix>.<ext2>`` (``--mask-suffix``, default none: the same stem). T
 suffix is not empty. Images without a mask become unlabelled, and so do all images of ``--unlabeled DIR``; a mask
 without an image, two files with one name, and a name found in both image folders are errors naming the files.
 
-``--mask-type`` says what the masks hold: ``binary`` (0/255 or 0/1, the default), ``instance`` (integer object ids,
-also given to evaluation as ``"instance_label"``) or ``grey`` (8-bit with soft edges, binarised at load time with
-``--mask_mode threshold``, foreground > 127). A seeded ``--val-fraction`` and ``--test-fraction`` of the
-images with a mask go to validation and test, and ``--labelled-percent`` (default 100) of the remaining images with
-a mask are labelled. Only the datalist is written, never anything in the source folders.
+``--mask-type`` says what the masks hold: ``binary`` (0/255 or 0/1, the default), ``instance`` (integer object ids, also
+given to evaluation as ``"instance_label"``) or ``grey`` (8-bit with soft edges, binarised at load time, foreground >
+127: the ``dataset.json`` written next to the datalist sets ``mask_mode``). A seeded ``--val-fraction`` and
+``--test-fraction`` of the images with a mask go to validation and test, and ``--labeled-percent`` (default 100) of the
+remaining images with a mask are labelled. Only the datalist and ``dataset.json`` are written, never anything in the
+source folders.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def build_folders_datalist(
     mask_suffix: str = "",
     unlabeled: str | os.PathLike | None = None,
     mask_type: str = "binary",
-    labelled_percent: float = 100,
+    labeled_percent: float = 100,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -110,12 +111,12 @@ def build_folders_datalist(
     """Find and check the images and masks and return the datalist (see the module docstring)."""
     if mask_type not in MASK_KINDS:
         raise BundleInputError(f"--mask-type must be one of {', '.join(MASK_KINDS)}, got {mask_type!r}")
-    validate_fractions(labelled_percent, val_fraction, test_fraction)
+    validate_fractions(labeled_percent, val_fraction, test_fraction)
     cases = find_folder_cases(images, masks, mask_suffix=mask_suffix, unlabeled=unlabeled)
     by_name = {case.name: case for case in cases}
     split = seeded_split(
         by_name,
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -131,11 +132,6 @@ def build_folders_datalist(
     notice = colour_mode_notice(check_all(check, cases))
     if notice:
         logger.warning(notice)
-    if mask_type == "grey":
-        logger.warning(
-            "grey masks are binarised when loaded: train with --mask_mode threshold (foreground > %d)",
-            _GREY_THRESHOLD,
-        )
 
     def items(names: list[str], labelled: bool) -> list[dict[str, Any]]:
         result = []
@@ -153,10 +149,12 @@ def build_folders_datalist(
     return {
         "dataset": "folders",
         "mask_type": mask_type,
-        "labelled_percent": labelled_percent,
+        "labeled_percent": labeled_percent,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
+        # grey masks (soft edges) are binarised when loaded
+        "settings": {"mask_mode": "threshold", "mask_threshold": _GREY_THRESHOLD} if mask_type == "grey" else {},
         "images": check_source(images, "images"),
         "masks": check_source(masks, "masks"),
         **split.datalist_lists(items),
@@ -171,7 +169,7 @@ def prepare_folders(
     mask_suffix: str = "",
     unlabeled: str | os.PathLike | None = None,
     mask_type: str = "binary",
-    labelled_percent: float = 100,
+    labeled_percent: float = 100,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -188,7 +186,7 @@ def prepare_folders(
         mask_suffix=mask_suffix,
         unlabeled=unlabeled,
         mask_type=mask_type,
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,

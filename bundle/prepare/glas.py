@@ -225,8 +225,7 @@ def build_glas_datalist(source: str | os.PathLike, split: int) -> dict[str, Any]
     return {
         "dataset": "glas",
         "split": split,
-        "num_classes": len(GLAS_CLASS_NAMES),
-        "class_names": list(GLAS_CLASS_NAMES),
+        "settings": {"num_classes": len(GLAS_CLASS_NAMES), "class_names": list(GLAS_CLASS_NAMES)},
         "source": source,
         "training": [_item(case, True) for case in training],
         "validation": [_item(case, True) for case in validation],

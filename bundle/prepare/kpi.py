@@ -12,7 +12,7 @@ with ``<split>`` one of ``train``, ``validation``, ``test`` and ``<disease>`` on
 
 Training patches are cut into ``--tile-size`` tiles (default 512; the last row and column of tiles are shifted
 back to end at the border, so every tile has the full size and together they cover the patch) written as PNG with
-their binarised masks under ``OUT/tiles/``. ``--labelled-percent`` of the training patches with a mask (per
+their binarised masks under ``OUT/tiles/``. ``--labeled-percent`` of the training patches with a mask (per
 disease, seeded) give labelled tiles, all other training patches unlabelled tiles. Validation and test keep the full
 patches from the source (the bundle validates with a sliding window) with binarised masks under ``OUT/masks/``.
 Without a ``validation`` (or ``test``) folder, a seeded ``--val-fraction`` (``--test-fraction``) of the training
@@ -54,6 +54,11 @@ KPI_SPLITS = ("train", "validation", "test")
 KPI_DISEASES = ("56Nx", "DN", "NEP25", "normal")
 KPI_MASK_THRESHOLD = 127
 KPI_CLASS_NAMES = ("background", "glomerulus")
+# what the text prototypes encode (the train config's defaults describe colon glands)
+KPI_CLASS_DESCRIPTIONS = (
+    "background of a kidney histology image: tubules, interstitium, vessels and other non-glomerular tissue",
+    "glomerulus in a kidney histology image: a round tuft of capillaries inside Bowman's capsule",
+)
 _SUFFIXES = (".jpg", ".jpeg", ".png")
 _IMAGE_FOLDER, _MASK_FOLDER = "img", "mask"
 _IMAGE_SUFFIX, _MASK_SUFFIX = "_img", "_mask"
@@ -246,7 +251,7 @@ def _held_out_slides(
     fully_masked = set(slides) - {patch.slide_key for patch in train if patch.mask is None}
     split = seeded_split(
         slides,
-        labelled_percent=100,
+        labeled_percent=100,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -265,7 +270,7 @@ def build_kpi_datalist(
     source: str | os.PathLike,
     folders: GeneratedFolders,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     tile_size: int = 512,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -280,7 +285,7 @@ def build_kpi_datalist(
         raise BundleInputError(
             f"--tile-size must be a whole number of pixels, at least {_MIN_TILE_SIZE}, got {tile_size!r}"
         )
-    validate_fractions(labelled_percent, val_fraction, test_fraction)
+    validate_fractions(labeled_percent, val_fraction, test_fraction)
     source = check_source(source, "KPI")
     found = find_kpi_patches(source)
     train = found["train"]
@@ -298,7 +303,7 @@ def build_kpi_datalist(
         logger.warning("no KPI test folder in %s and --test-fraction is 0: the test list is empty", source)
     split = seeded_split(
         [patch.key for patch in train],
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         seed=seed,
         with_mask={patch.key for patch in train if patch.mask is not None},
         strata={patch.key: patch.disease for patch in train},
@@ -317,13 +322,16 @@ def build_kpi_datalist(
     ends = np.cumsum([len(labelled), len(train) - len(labelled), len(validation), len(test)])
     return {
         "dataset": "kpi",
-        "labelled_percent": labelled_percent,
+        "labeled_percent": labeled_percent,
         "tile_size": tile_size,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
-        "num_classes": len(KPI_CLASS_NAMES),
-        "class_names": list(KPI_CLASS_NAMES),
+        "settings": {
+            "num_classes": len(KPI_CLASS_NAMES),
+            "class_names": list(KPI_CLASS_NAMES),
+            "class_descriptions": list(KPI_CLASS_DESCRIPTIONS),
+        },
         "source": source,
         "training": _flatten(item_lists[: ends[0]]),
         "validation": _flatten(item_lists[ends[1] : ends[2]]),
@@ -336,7 +344,7 @@ def prepare_kpi(
     source: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     tile_size: int = 512,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -350,7 +358,7 @@ def prepare_kpi(
         datalist = build_kpi_datalist(
             source,
             folders,
-            labelled_percent=labelled_percent,
+            labeled_percent=labeled_percent,
             tile_size=tile_size,
             val_fraction=val_fraction,
             test_fraction=test_fraction,

@@ -15,7 +15,7 @@ instance mask (uint16 PNG, ids 1..N in file order) and a binary mask (0/255 PNG)
 vertices are skipped and reported in a notice; malformed XML is an error naming the file.
 
 Splits: ``--test-source`` (e.g. the MoNuSeg test set) is the test list, otherwise a seeded ``--test-fraction`` of the
-annotated images; a seeded ``--val-fraction`` is validation and ``--labelled-percent`` of the rest is labelled.
+annotated images; a seeded ``--val-fraction`` is validation and ``--labeled-percent`` of the rest is labelled.
 Images without an annotation can only be unlabelled. Nothing is written into a source.
 """
 
@@ -50,6 +50,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MONUSEG_CLASS_NAMES = ("background", "nucleus")
+# what the text prototypes encode (the train config's defaults describe colon glands)
+MONUSEG_CLASS_DESCRIPTIONS = (
+    "background of an H&E tissue image: cytoplasm, stroma and other tissue between the cell nuclei",
+    "cell nucleus in an H&E tissue image: a dark purple, round or oval nucleus",
+)
 _IMAGE_SUFFIXES = (".tif", ".tiff")
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
 _IMAGE_FOLDERS = ("tissue images", "images")
@@ -243,7 +248,7 @@ def build_monuseg_datalist(
     source: str | os.PathLike,
     folders: GeneratedFolders,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     test_source: str | os.PathLike | None = None,
     val_fraction: float = 0.1,
     test_fraction: float | None = None,
@@ -257,7 +262,7 @@ def build_monuseg_datalist(
     if test_source is not None and test_fraction:
         raise BundleInputError("pass either --test-source or --test-fraction, not both")
     test_fraction = (0.0 if test_source is not None else 0.2) if test_fraction is None else test_fraction
-    validate_fractions(labelled_percent, val_fraction, test_fraction)
+    validate_fractions(labeled_percent, val_fraction, test_fraction)
     cases = find_monuseg_cases(source)
     test_cases = find_monuseg_cases(test_source, "MoNuSeg test") if test_source is not None else []
     seen = {case.name: case.image for case in cases}
@@ -271,7 +276,7 @@ def build_monuseg_datalist(
     by_name = {case.name: case for case in cases}
     split = seeded_split(
         by_name,
-        labelled_percent=labelled_percent,
+        labeled_percent=labeled_percent,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -296,12 +301,15 @@ def build_monuseg_datalist(
 
     return {
         "dataset": "monuseg",
-        "labelled_percent": labelled_percent,
+        "labeled_percent": labeled_percent,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
-        "num_classes": len(MONUSEG_CLASS_NAMES),
-        "class_names": list(MONUSEG_CLASS_NAMES),
+        "settings": {
+            "num_classes": len(MONUSEG_CLASS_NAMES),
+            "class_names": list(MONUSEG_CLASS_NAMES),
+            "class_descriptions": list(MONUSEG_CLASS_DESCRIPTIONS),
+        },
         "source": check_source(source, "MoNuSeg"),
         "test_source": None if test_source is None else check_source(test_source, "MoNuSeg test"),
         "training": items(split.labelled, True),
@@ -315,7 +323,7 @@ def prepare_monuseg(
     source: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     test_source: str | os.PathLike | None = None,
     val_fraction: float = 0.1,
     test_fraction: float | None = None,
@@ -331,7 +339,7 @@ def prepare_monuseg(
         datalist = build_monuseg_datalist(
             sources[0],
             folders,
-            labelled_percent=labelled_percent,
+            labeled_percent=labeled_percent,
             test_source=test_source,
             val_fraction=val_fraction,
             test_fraction=test_fraction,

@@ -1,10 +1,14 @@
 """The output folder of a dataset preparer: checks before anything is read, and files written only at the end.
 
-:func:`check_output` refuses an output that is a file, an existing datalist without ``--force``, overwriting a file
-of a source, and (for preparers that write images or masks) an output inside a source or a source inside the
-output. :class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to their
-destination and moves them into place only when the whole preparation succeeded, so a failed run leaves the output
+:func:`check_output` refuses an output that is a file, an existing datalist or ``dataset.json`` without ``--force``,
+overwriting a file of a source, and (for preparers that write images or masks) an output inside a source or a source
+inside the output. :class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to
+their destination and moves them into place only when the whole preparation succeeded, so a failed run leaves the output
 as it was. The datalist is written last (atomically), so a folder with a datalist always holds all its files.
+
+:func:`write_prepared` also writes ``dataset.json``, a config override file with ``dataset_dir`` and the dataset's
+``settings`` (its classes and how its masks turn into classes): training merges it after ``configs/train.json``, so
+nothing the dataset needs is typed by the user.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 from bundle.data.datalist import DATALIST_FILENAME, absolute_path, write_datalist
 from bundle.errors import BundleInputError
 
-__all__ = ["GeneratedFolders", "check_output", "check_source", "is_inside", "write_prepared"]
+__all__ = ["DATASET_FILENAME", "GeneratedFolders", "check_output", "check_source", "is_inside", "write_prepared"]
+
+DATASET_FILENAME = "dataset.json"
 
 
 def is_inside(path: str, folder: str) -> bool:
@@ -44,24 +50,28 @@ def check_output(
     force: bool,
     writes_files: bool = False,
 ) -> str:
-    """Check that ``output/datalist.json`` may be written; return the absolute output folder.
+    """Check that ``output/datalist.json`` and ``output/dataset.json`` may be written; return the absolute output
+    folder.
 
     ``label`` names the dataset in messages ("GlaS source ..."). With ``writes_files`` (tiles, masks) the output
     must not overlap any source.
     """
     output = absolute_path(output)
-    target = os.path.join(output, DATALIST_FILENAME)
+    targets = [os.path.join(output, name) for name in (DATALIST_FILENAME, DATASET_FILENAME)]
     if os.path.exists(output) and not os.path.isdir(output):
         raise BundleInputError(f"output {output} exists and is not a folder")
-    if os.path.isdir(target):
-        raise BundleInputError(f"{target} is a folder; cannot write the datalist there")
+    for target in targets:
+        if os.path.isdir(target):
+            raise BundleInputError(f"{target} is a folder; cannot write the {os.path.basename(target)} there")
     for source in sources:
         if writes_files and (is_inside(output, source) or is_inside(source, output)):
             raise BundleInputError(
                 f"output {output} overlaps the {label} source {source}; choose an output folder outside the source "
                 "(files are written there and the source is never modified)"
             )
-    if os.path.exists(target):
+    for target in targets:
+        if not os.path.exists(target):
+            continue
         for source in sources:
             if is_inside(target, source):
                 raise BundleInputError(f"refusing to overwrite {target}: it is a file of the {label} source {source}")
@@ -118,6 +128,9 @@ class GeneratedFolders:
 
 
 def write_prepared(datalist: dict[str, Any], output: str) -> str:
-    """Write ``output/datalist.json`` (creating ``output``); return its path."""
+    """Move ``datalist["settings"]`` into ``output/dataset.json`` (with ``dataset_dir``), then write the rest to
+    ``output/datalist.json`` (creating ``output``); return the datalist's path. ``datalist`` is left as written."""
     os.makedirs(output, exist_ok=True)
+    settings = datalist.pop("settings", {})
+    write_datalist({"dataset_dir": output, **settings}, os.path.join(output, DATASET_FILENAME))
     return write_datalist(datalist, os.path.join(output, DATALIST_FILENAME))

@@ -64,10 +64,10 @@ def apportion(total: int, sizes: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-def validate_fractions(labelled_percent: float, val_fraction: float, test_fraction: float) -> None:
-    """Raise :class:`BundleInputError` unless 0 < labelled_percent <= 100, fractions >= 0 and their sum < 1."""
-    if not 0 < labelled_percent <= 100:
-        raise BundleInputError(f"--labelled-percent must be more than 0 and at most 100, got {labelled_percent:g}")
+def validate_fractions(labeled_percent: float, val_fraction: float, test_fraction: float) -> None:
+    """Raise :class:`BundleInputError` unless 0 < labeled_percent <= 100, fractions >= 0 and their sum < 1."""
+    if not 0 < labeled_percent <= 100:
+        raise BundleInputError(f"--labeled-percent must be more than 0 and at most 100, got {labeled_percent:g}")
     for option, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= value < 1:
             raise BundleInputError(f"{option} must be at least 0 and less than 1, got {value:g}")
@@ -88,7 +88,7 @@ def _take(counts: Mapping[str, int], shuffled: Mapping[str, list[str]]) -> list[
 def seeded_split(
     names: Iterable[str],
     *,
-    labelled_percent: float,
+    labeled_percent: float,
     val_fraction: float = 0.0,
     test_fraction: float = 0.0,
     seed: int = 0,
@@ -99,11 +99,11 @@ def seeded_split(
     """Split ``names`` into labelled, unlabelled, validation and test lists.
 
     ``round(val_fraction * n)`` and ``round(test_fraction * n)`` of the ``n`` names that have a mask (all names when
-    ``with_mask`` is ``None``) become validation and test; ``round(labelled_percent / 100 * m)`` of the ``m`` remaining
+    ``with_mask`` is ``None``) become validation and test; ``round(labeled_percent / 100 * m)`` of the ``m`` remaining
     names with a mask become labelled, and everything else is unlabelled. Raises :class:`BundleInputError` when no
     name has a mask, or when a requested list would be empty (too few names for the fraction).
     """
-    validate_fractions(labelled_percent, val_fraction, test_fraction)
+    validate_fractions(labeled_percent, val_fraction, test_fraction)
     ordered = sorted(set(names))
     masked = [name for name in ordered if with_mask is None or name in with_mask]
     if not masked:
@@ -133,10 +133,10 @@ def seeded_split(
     pool = sum(sizes().values())
     if pool == 0:
         raise BundleInputError(f"no {what} with a mask are left for training after validation and test")
-    labelled = _take(apportion(round_half_up(labelled_percent / 100 * pool), sizes()), shuffled)
+    labelled = _take(apportion(round_half_up(labeled_percent / 100 * pool), sizes()), shuffled)
     if not labelled:
         raise BundleInputError(
-            f"--labelled-percent {labelled_percent:g} of the {pool} training {what} with a mask gives no labelled "
+            f"--labeled-percent {labeled_percent:g} of the {pool} training {what} with a mask gives no labelled "
             f"image; use at least {math.ceil(5000 / pool) / 100:g}"
         )
     chosen = set(labelled) | set(validation) | set(test)

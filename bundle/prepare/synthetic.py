@@ -334,7 +334,7 @@ def generate_synthetic_dataset(
     *,
     seed: int = 0,
     image_size: int = 256,
-    num_labelled: int = 8,
+    num_labeled: int = 8,
     num_unlabeled: int = 24,
     num_validation: int = 4,
     num_test: int = 4,
@@ -347,7 +347,7 @@ def generate_synthetic_dataset(
     be repeated; every file is moved into place whole, so concurrent runs (one per rank) are safe.
     """
     counts = {
-        "num_labelled": num_labelled,
+        "num_labeled": num_labeled,
         "num_unlabeled": num_unlabeled,
         "num_validation": num_validation,
         "num_test": num_test,
@@ -355,8 +355,8 @@ def generate_synthetic_dataset(
     for option, value in counts.items():
         if not isinstance(value, (int, np.integer)) or value < 0:
             raise BundleInputError(f"synthetic dataset option {option} must be a non-negative integer, got {value!r}")
-    if num_labelled < 1:
-        raise BundleInputError(f"synthetic dataset option num_labelled must be at least 1, got {num_labelled!r}")
+    if num_labeled < 1:
+        raise BundleInputError(f"synthetic dataset option num_labeled must be at least 1, got {num_labeled!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < _MIN_IMAGE_SIZE:
         raise BundleInputError(
             f"synthetic dataset option image_size must be an integer of at least {_MIN_IMAGE_SIZE}, got {image_size!r}"
@@ -376,7 +376,7 @@ def generate_synthetic_dataset(
     }
     index = 0
     for key, count, labelled in (
-        ("training", num_labelled, True),
+        ("training", num_labeled, True),
         ("unlabeled", num_unlabeled, False),
         ("validation", num_validation, True),
         ("test", num_test, True),
