@@ -79,6 +79,12 @@ def _add_glas(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_glas)
 
 
+def _split_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options :func:`_add_common` adds, as the preparers' keyword arguments."""
+    names = ("labeled_percent", "val_fraction", "test_fraction", "seed", "force")
+    return {name: getattr(args, name) for name in names}
+
+
 def _run_glas(args: argparse.Namespace) -> dict[str, Any]:
     return prepare_glas(args.source, args.output, args.split, force=args.force)
 
@@ -138,16 +144,7 @@ def _add_ebhi(subparsers: argparse._SubParsersAction, task: str) -> None:
 
 
 def _run_ebhi(args: argparse.Namespace) -> dict[str, Any]:
-    return prepare_ebhi(
-        args.source,
-        args.output,
-        args.task,
-        labeled_percent=args.labeled_percent,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        force=args.force,
-    )
+    return prepare_ebhi(args.source, args.output, args.task, **_split_options(args))
 
 
 def _add_kpi(subparsers: argparse._SubParsersAction) -> None:
@@ -173,16 +170,7 @@ def _add_kpi(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_kpi(args: argparse.Namespace) -> dict[str, Any]:
-    return prepare_kpi(
-        args.source,
-        args.output,
-        labeled_percent=args.labeled_percent,
-        tile_size=args.tile_size,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        force=args.force,
-    )
+    return prepare_kpi(args.source, args.output, tile_size=args.tile_size, **_split_options(args))
 
 
 def _add_monuseg(subparsers: argparse._SubParsersAction) -> None:
@@ -207,16 +195,7 @@ def _add_monuseg(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_monuseg(args: argparse.Namespace) -> dict[str, Any]:
-    return prepare_monuseg(
-        args.source,
-        args.output,
-        labeled_percent=args.labeled_percent,
-        test_source=args.test_source,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        force=args.force,
-    )
+    return prepare_monuseg(args.source, args.output, test_source=args.test_source, **_split_options(args))
 
 
 def _add_folders(subparsers: argparse._SubParsersAction) -> None:
@@ -250,11 +229,7 @@ def _run_folders(args: argparse.Namespace) -> dict[str, Any]:
         mask_suffix=args.mask_suffix,
         unlabeled=args.unlabeled,
         mask_type=args.mask_type,
-        labeled_percent=args.labeled_percent,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        force=args.force,
+        **_split_options(args),
     )
 
 
