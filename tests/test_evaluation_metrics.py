@@ -355,3 +355,14 @@ def test_real_mask_eroded_prediction(glas_mask):
 def test_real_mask_hd95_equals_monai(glas_mask):
     shifted = np.roll(glas_mask, (9, -14), axis=(0, 1))
     assert boundary_hd95(shifted > 0, glas_mask > 0) == pytest.approx(monai_hd95(shifted, glas_mask), rel=1e-5)
+
+
+def test_pooled_scores_from_summed_counts():
+    from bundle.evaluation.pixel_metrics import pooled_scores
+
+    # background absent everywhere (scores 1); gland: 5 pixels in both of 10 predicted and 10 labelled
+    scores = pooled_scores(np.array([[0, 0, 0], [5, 10, 10]]))
+    assert scores == {"pooled_dice": 0.5, "pooled_jaccard": 5 / 15, "pooled_mdice": 0.75, "pooled_mjaccard": 2 / 3}
+    # pooling is not averaging: a small image's perfect score weighs by its pixels, not as one image
+    small_perfect, large_half = np.array([[0, 0, 0], [1, 1, 1]]), np.array([[0, 0, 0], [50, 100, 100]])
+    assert pooled_scores(small_perfect + large_half)["pooled_dice"] == pytest.approx(2 * 51 / (101 + 101))

@@ -17,13 +17,26 @@ from PIL import Image
 
 from bundle.errors import BundleInputError
 from bundle.evaluation import SegmentationReport
+from bundle.evaluation.report import BLOCK_KEYS as REPORT_BLOCK_KEYS
 from bundle.evaluation.report import CSV_COLUMNS, METRIC_KEYS
 
 HEIGHT, WIDTH = 24, 32
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 BACKGROUND_RGB = (230, 200, 220)
-BLOCK_KEYS = set(METRIC_KEYS) | {"count"}
+BLOCK_KEYS = set(METRIC_KEYS) | {"count", "pooled_dice", "pooled_jaccard", "pooled_mdice", "pooled_mjaccard"}
+
+
+def pooled(both_pred_label: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Hand-computed pooled scores from (pixels in both, in the prediction, in the label) of background and gland."""
+    dice = [2 * b / (p + g) for b, p, g in both_pred_label]
+    jaccard = [b / (p + g - b) for b, p, g in both_pred_label]
+    return {
+        "pooled_dice": dice[1],
+        "pooled_jaccard": jaccard[1],
+        "pooled_mdice": sum(dice) / 2,
+        "pooled_mjaccard": sum(jaccard) / 2,
+    }
 
 
 def box(mask: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], value: int = 1) -> np.ndarray:
@@ -137,6 +150,8 @@ EXPECTED_PARTS = {
         "object_dice": 0.5 * ((88 + 64 * 96 / 112) / 152 + (88 + 48 * 96 / 112) / 136),
         "object_hausdorff": 0.5 * (64 * 2 / 152 + 48 * 2 / 136),
         "count": 2,
+        # a1 (88 gland px, exact) + a2 (48 of 64 px): background 680 + 704 in both, 680 + 720 predicted, 680 + 704
+        **pooled([(680 + 704, 680 + 720, 680 + 704), (88 + 48, 88 + 48, 88 + 64)]),
     },
     "testB": {
         **{key: (B1[key] + PERFECT[key]) / 2 for key in PERFECT},
@@ -144,6 +159,8 @@ EXPECTED_PARTS = {
         "object_dice": 0.5 * (64 / 64 + 64 / 65),  # b2 has no objects and adds nothing
         "object_hausdorff": 0.5 * (0 + math.sqrt(1000) / 65),
         "count": 2,
+        # b1 (64 px and one stray pixel) + b2 (no gland): background 703 + 768 in both and predicted, 704 + 768
+        **pooled([(703 + 768, 703 + 768, 704 + 768), (64, 65, 64)]),
     },
 }
 EXPECTED_OVERALL = {
@@ -152,6 +169,9 @@ EXPECTED_OVERALL = {
     "object_dice": 0.5 * ((88 + 64 * 96 / 112 + 64) / 216 + (88 + 48 * 96 / 112 + 64) / 201),
     "object_hausdorff": 0.5 * (64 * 2 / 216 + (48 * 2 + math.sqrt(1000)) / 201),
     "count": 4,
+    **pooled(
+        [(680 + 704 + 703 + 768, 680 + 720 + 703 + 768, 680 + 704 + 704 + 768), (88 + 48 + 64, 88 + 48 + 65, 216)]
+    ),
 }
 
 
@@ -230,7 +250,7 @@ def test_printed_table(report_run, capsys):
     _, report, _ = report_run
     report.write()  # prints the table again
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["part", "count", *METRIC_KEYS]
+    assert lines[0].split() == ["part", "count", *REPORT_BLOCK_KEYS]
     assert [line.split()[0] for line in lines[1:]] == ["testA", "testB", "overall"]
     overall = lines[3].split()
     assert overall[1] == "4"

@@ -1,4 +1,5 @@
-"""Per-image pixel metrics of a semantic segmentation: gland Dice and Jaccard, mDice and mJaccard, HD95.
+"""Per-image pixel metrics of a semantic segmentation: gland Dice and Jaccard, mDice and mJaccard, HD95; and the
+dataset-pooled Dice and IoU from per-class pixel counts (:func:`pooled_scores`).
 
 Conventions (fractions in [0, 1], distances in pixels):
 
@@ -33,7 +34,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import BundleInputError
 
-__all__ = ["PixelMetrics", "boundary_hd95", "pixel_metrics", "to_class_map"]
+__all__ = ["PixelMetrics", "boundary_hd95", "pixel_metrics", "pooled_scores", "to_class_map"]
 
 HD_PERCENTILE = 95.0
 
@@ -102,6 +103,9 @@ class PixelMetrics:
     hd95: float
     per_class_dice: tuple[float, ...]
     per_class_jaccard: tuple[float, ...]
+    # per class (background first): pixels in both, in the prediction, in the label; summed over a test set they give
+    # the dataset-pooled Dice and IoU (:func:`pooled_scores`)
+    per_class_counts: tuple[tuple[int, int, int], ...] = ()
 
 
 def pixel_metrics(pred, label, num_classes: int) -> PixelMetrics:
@@ -128,6 +132,11 @@ def pixel_metrics(pred, label, num_classes: int) -> PixelMetrics:
     dice = compute_dice(pred_onehot, label_onehot, include_background=True, ignore_empty=False)[0].double().numpy()
     jaccard = compute_iou(pred_onehot, label_onehot, include_background=True, ignore_empty=False)[0].double().numpy()
     hd95 = [boundary_hd95(pred_map == c, label_map == c) for c in range(1, num_classes)]
+    counts = tuple(
+        (int(np.count_nonzero((pred_map == c) & (label_map == c))), int(np.count_nonzero(pred_map == c)),
+         int(np.count_nonzero(label_map == c)))
+        for c in range(num_classes)
+    )  # fmt: skip
     return PixelMetrics(
         dice=float(dice[1:].mean()),
         jaccard=float(jaccard[1:].mean()),
@@ -136,4 +145,23 @@ def pixel_metrics(pred, label, num_classes: int) -> PixelMetrics:
         hd95=float(np.mean(hd95)),
         per_class_dice=tuple(float(v) for v in dice),
         per_class_jaccard=tuple(float(v) for v in jaccard),
+        per_class_counts=counts,
     )
+
+
+def pooled_scores(counts: np.ndarray) -> dict[str, float]:
+    """Dataset-pooled Dice and IoU from per-class pixel counts summed over images (``[C, 3]``: both, prediction,
+    label), the convention of the UniMatch-family code: ``pooled_dice``/``pooled_jaccard`` over the foreground
+    classes, ``pooled_mdice``/``pooled_mjaccard`` over all classes. A class absent from every prediction and label
+    scores 1."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+    both, pred, label = counts[:, 0], counts[:, 1], counts[:, 2]
+    union = pred + label - both
+    dice = np.where(pred + label > 0, 2 * both / np.maximum(pred + label, 1), 1.0)
+    jaccard = np.where(union > 0, both / np.maximum(union, 1), 1.0)
+    return {
+        "pooled_dice": float(dice[1:].mean()),
+        "pooled_jaccard": float(jaccard[1:].mean()),
+        "pooled_mdice": float(dice.mean()),
+        "pooled_mjaccard": float(jaccard.mean()),
+    }

@@ -38,14 +38,25 @@ from monai.utils import convert_to_numpy
 from ..errors import BundleInputError
 from .object_metrics import GLAS_CONNECTIVITY, ObjectStats, combine_object_stats, label_objects, object_stats
 from .overlays import contour_overlay, save_overlay
-from .pixel_metrics import pixel_metrics, to_class_map
+from .pixel_metrics import pixel_metrics, pooled_scores, to_class_map
 
-__all__ = ["CONVENTIONS", "CSV_COLUMNS", "METRIC_KEYS", "OBJECT_SOURCES", "SegmentationReport"]
+__all__ = [
+    "BLOCK_KEYS",
+    "CONVENTIONS",
+    "CSV_COLUMNS",
+    "METRIC_KEYS",
+    "OBJECT_SOURCES",
+    "POOLED_KEYS",
+    "SegmentationReport",
+]
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("dice", "jaccard", "mdice", "mjaccard", "hd95", "object_f1", "object_dice", "object_hausdorff")
 PIXEL_KEYS = METRIC_KEYS[:5]
+# the second convention: intersections and unions pooled over the images of a block (no per-image value)
+POOLED_KEYS = ("pooled_dice", "pooled_jaccard", "pooled_mdice", "pooled_mjaccard")
+BLOCK_KEYS = METRIC_KEYS + POOLED_KEYS
 CSV_COLUMNS = ("name", "part") + METRIC_KEYS + ("tp", "fp", "fn", "gt_objects", "pred_objects")
 OBJECT_SOURCES = ("auto", "instance_masks", "connected_components")
 METRICS_FILENAME = "metrics.json"
@@ -64,7 +75,11 @@ CONVENTIONS = {
     "compute_hausdorff_distance, percentile=95); 0 if the class is absent from prediction and label, the image "
     "diagonal if absent from only one (BraTS convention)",
     "aggregation": "dice, jaccard, mdice, mjaccard, hd95: mean over the images; object_f1, object_dice, "
-    "object_hausdorff: the GlaS contest's values over all images of the block (see object_*)",
+    "object_hausdorff: the GlaS contest's values over all images of the block (see object_*); pooled_*: pixel "
+    "counts summed over all images of the block",
+    "pooled_dice": "gland Dice of the block with intersections and sizes pooled over its images (2 sum|P&G| / "
+    "(sum|P| + sum|G|)), the convention of the UniMatch-family code; pooled_jaccard likewise with the IoU; "
+    "pooled_mdice / pooled_mjaccard: the mean over all classes including background",
     "objects": "ground-truth objects from instance masks when used (object_source), else 8-connected components of "
     "the label's foreground; predicted objects are 8-connected components of the prediction's foreground "
     "(bwlabel(., 8) in the official GlaS code)",
@@ -226,6 +241,7 @@ class SegmentationReport:
         """Forget all images (called when the evaluator starts)."""
         self.rows: list[dict[str, Any]] = []
         self._object_stats: list[ObjectStats] = []
+        self._pixel_counts: list[np.ndarray] = []
         self._used_instances: list[bool] = []
         self._best = _Ranking(self.overlay_count)
         self._worst = _Ranking(self.overlay_count)
@@ -304,6 +320,7 @@ class SegmentationReport:
         }
         index = len(self.rows)
         self.rows.append(row)
+        self._pixel_counts.append(np.asarray(pixels.per_class_counts, dtype=np.int64))
         self._object_stats.append(objects)
         self._used_instances.append(instances is not None)
         self._rank_for_overlays(index, row, output, item, gt_objects, pred_objects)
@@ -383,6 +400,8 @@ class SegmentationReport:
         rows = [self.rows[i] for i in indices]
         pooled = combine_object_stats(self._object_stats[i] for i in indices)
         block: dict[str, Any] = {key: _mean([row[key] for row in rows]) for key in PIXEL_KEYS}
+        counts = [self._pixel_counts[i] for i in indices]
+        block.update(pooled_scores(np.sum(counts, axis=0)) if counts else dict.fromkeys(POOLED_KEYS, math.nan))
         block.update(
             object_f1=pooled.f1 if rows else math.nan,
             object_dice=pooled.dice if rows else math.nan,
@@ -415,12 +434,12 @@ class SegmentationReport:
     def table(self, metrics: Mapping[str, Any] | None = None) -> str:
         """The summary table: one row per part and one overall, the columns of ``metrics.json``."""
         metrics = self.compute() if metrics is None else metrics
-        columns = ("count",) + METRIC_KEYS
+        columns = ("count",) + BLOCK_KEYS
         lines = [("part",) + columns]
         named = list(metrics["parts"].items()) + [("overall", metrics["overall"])]
         for part, block in named:
             cells = [part, str(block["count"])]
-            for key in METRIC_KEYS:
+            for key in BLOCK_KEYS:
                 value = block[key]
                 digits = 2 if key in ("hd95", "object_hausdorff") else 4
                 cells.append("n/a" if value is None else f"{value:.{digits}f}")
