@@ -86,6 +86,8 @@ from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch")
+# the text control (fixed random vectors in place of the text encoder's features), run when asked for
+ALL_PRESETS = PRESETS + ("mpamatch_random_text",)
 SPLITS = (10, 20)
 # test metric key in metrics.json -> column title
 TABLE_METRICS = {"mdice": "mDice", "mjaccard": "mJaccard", "dice": "gland Dice", "object_f1": "object F1"}
@@ -115,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the downsampled GlaS copy and the prepared datalists go (a temporary folder by default)",
     )
     parser.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=ALL_PRESETS)
     parser.add_argument("--seeds", type=int, nargs="+", help="CPU: 0 1; --gpu: 0 1 2")
     parser.add_argument("--iterations", type=int, help="training iterations per run (CPU: 300; --gpu: 8000)")
     parser.add_argument("--val-every", type=int, help="iterations between validations (CPU: 25; --gpu: 500)")
@@ -385,7 +387,7 @@ def summarise(records: list[dict]) -> list[dict]:
     """One row per (split, preset): metric mean/std/min/max over seeds, iterations, mean wall times."""
     rows = []
     for split in sorted({r["split"] for r in records}):
-        for preset in PRESETS:
+        for preset in ALL_PRESETS:
             runs = [r for r in records if r["split"] == split and r["preset"] == preset]
             if not runs:
                 continue
@@ -476,7 +478,7 @@ def moving_average(values: list[float], width: int) -> list[float]:
 def write_curves(records: list[dict], split: int, output: Path, validation_images: int) -> Path | None:
     """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None."""
     series = {}
-    for preset in PRESETS:
+    for preset in ALL_PRESETS:
         runs = [r for r in records if r["split"] == split and r["preset"] == preset]
         if runs:
             series[preset] = {name: mean_curve([r["curves"][name] for r in runs]) for name in ("val_dice", "loss_x")}

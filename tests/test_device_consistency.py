@@ -18,7 +18,7 @@ from helpers import config_files, make_workflow, record_terms, small_overrides
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
-PRESETS = ["supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch"]
+PRESETS = ["supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch", "mpamatch_random_text"]
 
 
 def one_iteration(tmp_path, dataset_dir, presets, **extra):

@@ -490,3 +490,21 @@ def test_conch_adapter_wiring_with_a_stand_in_package(monkeypatch, tmp_path, tin
     with torch.no_grad():
         expected = created["model"].encode_text(tokens["input_ids"])
     torch.testing.assert_close(adapter.encode(_no_context(adapter, 2), tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the random-features control
+
+
+def test_random_text_features_are_fixed_and_only_the_projection_learns():
+    learner = PromptLearner({"kind": "random", "seed": 3}, DESCRIPTIONS, n_ctx=4, embedding_dim=16)
+    again = PromptLearner({"kind": "random", "seed": 3}, ["other words", "entirely"], n_ctx=4, embedding_dim=16)
+    other_seed = PromptLearner({"kind": "random", "seed": 4}, DESCRIPTIONS, n_ctx=4, embedding_dim=16)
+    features = learner.encode()
+    assert features.shape == (2, 384) and torch.allclose(features.norm(dim=1), torch.ones(2))
+    assert torch.equal(features, again.encode())  # the text is not read: same seed, same vectors
+    assert not torch.allclose(features, other_seed.encode())
+    learner.ctx.data.normal_()
+    assert torch.equal(learner.encode(), features)  # the context vectors change nothing
+    learner().sum().backward()
+    assert learner.ctx.grad is None and learner.projection.weight.grad is not None
+    assert torch.isfinite(learner.projection.weight.grad).all()

@@ -1,4 +1,5 @@
-"""Factory for the frozen text encoders of the prompt learner, by kind (``huggingface``, ``open_clip``, ``conch``)."""
+"""Factory for the frozen text encoders of the prompt learner, by kind (``huggingface``, ``open_clip``, ``conch``, and
+``random``: the control with fixed random features)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from .base import TextEncoderAdapter
 from .conch import CONCHTextEncoder
 from .huggingface import HuggingFaceTextEncoder
 from .openclip import OpenCLIPTextEncoder
+from .random_features import RandomTextFeatures
 
 __all__ = [
     "CONCHTextEncoder",
     "HuggingFaceTextEncoder",
     "OpenCLIPTextEncoder",
+    "RandomTextFeatures",
     "TEXT_ENCODERS",
     "TextEncoderAdapter",
     "build_text_encoder",
@@ -23,6 +26,7 @@ TEXT_ENCODERS: dict[str, type[TextEncoderAdapter]] = {
     "huggingface": HuggingFaceTextEncoder,
     "open_clip": OpenCLIPTextEncoder,
     "conch": CONCHTextEncoder,
+    "random": RandomTextFeatures,
 }
 
 

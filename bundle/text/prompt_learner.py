@@ -29,7 +29,7 @@ def _as_adapter(text_encoder: TextEncoderAdapter | Mapping) -> TextEncoderAdapte
     if isinstance(text_encoder, Mapping):
         options = dict(text_encoder)
         if "kind" not in options:
-            raise BundleInputError("text_encoder needs a 'kind' (huggingface, open_clip or conch)")
+            raise BundleInputError("text_encoder needs a 'kind' (huggingface, open_clip, conch or random)")
         return build_text_encoder(**options)
     raise BundleInputError(
         f"text_encoder must be a text encoder adapter or a dict with a 'kind', got {type(text_encoder).__name__}"
