@@ -86,19 +86,23 @@ from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("supervised", "unimatch", "image_prototypes", "text_prototypes", "mpamatch")
-# the text control (fixed random vectors in place of the text encoder's features), run when asked for
-ALL_PRESETS = PRESETS + ("mpamatch_random_text",)
+# the text control (fixed random vectors in place of the text encoder's features), and the supervised preset trained
+# for --equal-time-iterations (as long as a semi-supervised run takes), run when asked for
+EQUAL_TIME = "supervised_equal_time"
+ALL_PRESETS = PRESETS + ("mpamatch_random_text", EQUAL_TIME)
+PRESET_CONFIG = {EQUAL_TIME: "supervised"}
 SPLITS = (10, 20)
-# test metric key in metrics.json -> column title
-TABLE_METRICS = {"mdice": "mDice", "mjaccard": "mJaccard", "dice": "gland Dice", "object_f1": "object F1"}
-# a narrower TransUNet for the CPU: 0.9 M parameters (default 5.9 M), half the default's time per iteration
-CPU_NETWORK = {
-    "encoder_kwargs": {"embed_dim": 128, "depth": 2, "num_heads": 2, "stem_channels": [16, 32, 64]},
-    "head_channels": 128,
-    "decoder_channels": [64, 32, 16, 16],
+# test metric key in metrics.json -> column title: per-image means and dataset-pooled scores, object F1
+TABLE_METRICS = {
+    "mdice": "mDice",
+    "pooled_mdice": "pooled mDice",
+    "dice": "gland Dice",
+    "pooled_dice": "pooled gland Dice",
+    "object_f1": "object F1",
 }
-CPU_DEFAULTS = {"iterations": 300, "val_every": 25, "patch_size": 128, "downsample": 2, "seeds": [0, 1]}
-GPU_DEFAULTS = {"iterations": 8000, "val_every": 500, "patch_size": 256, "downsample": 1, "seeds": [0, 1, 2]}
+RECORD_METRICS = tuple(TABLE_METRICS) + ("mjaccard", "pooled_mjaccard")
+CPU_DEFAULTS = {"iterations": 600, "val_every": 50, "patch_size": None, "seeds": [0, 1, 2]}
+GPU_DEFAULTS = {"iterations": 8000, "val_every": 500, "patch_size": 256, "seeds": [0, 1, 2]}
 # per run: training wall and CPU seconds (start-up and validations included), median seconds per iteration, evaluation
 TIMINGS = ("train_wall_s", "train_cpu_s", "s_per_iteration", "eval_wall_s", "eval_cpu_s")
 SETTINGS_FILE = "settings.json"
@@ -114,15 +118,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir",
         default=os.path.join(tempfile.gettempdir(), "mpamatch_ablation_data"),
-        help="where the downsampled GlaS copy and the prepared datalists go (a temporary folder by default)",
+        help="where the prepared datalists go (a temporary folder by default)",
     )
     parser.add_argument("--splits", type=int, nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=ALL_PRESETS)
-    parser.add_argument("--seeds", type=int, nargs="+", help="CPU: 0 1; --gpu: 0 1 2")
-    parser.add_argument("--iterations", type=int, help="training iterations per run (CPU: 300; --gpu: 8000)")
-    parser.add_argument("--val-every", type=int, help="iterations between validations (CPU: 25; --gpu: 500)")
-    parser.add_argument("--patch-size", type=int, help="training crop and sliding window, px (CPU: 128; --gpu: 256)")
-    parser.add_argument("--downsample", type=int, help="integer image reduction factor (CPU: 2; --gpu: 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="0 1 2")
+    parser.add_argument("--iterations", type=int, help="training iterations per run (CPU: 600; --gpu: 8000)")
+    parser.add_argument(
+        "--equal-time-iterations",
+        type=int,
+        help=f"iterations of {EQUAL_TIME} (configs/supervised.json trained as long as a semi-supervised run)",
+    )
+    parser.add_argument("--val-every", type=int, help="iterations between validations (CPU: 50; --gpu: 500)")
+    parser.add_argument(
+        "--patch-size", type=int, help="training crop and sliding window, px (CPU: train.json's; --gpu: 256)"
+    )
     parser.add_argument("--extra", default="", help='more overrides for every command, e.g. "--batch_size 8"')
     parser.add_argument("--max-test-images", type=int, help="evaluate on this many test images only (for tests)")
     parser.add_argument("--gpu", action="store_true", help="the paper's setting (configs/uni.json), for a GPU")
@@ -132,10 +142,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.iterations % args.val_every:
-        parser.error(f"--iterations {args.iterations} must be a multiple of --val-every {args.val_every}")
-    if args.patch_size % 16 or args.downsample < 1:
-        parser.error("--patch-size must be a multiple of 16 and --downsample at least 1")
+    for option, value in (("--iterations", args.iterations), ("--equal-time-iterations", args.equal_time_iterations)):
+        if value is not None and (value < args.val_every or value % args.val_every):
+            parser.error(f"{option} {value} must be a positive multiple of --val-every {args.val_every}")
+    if (EQUAL_TIME in args.presets) != (args.equal_time_iterations is not None):
+        parser.error(f"--presets {EQUAL_TIME} and --equal-time-iterations go together")
+    if args.patch_size is not None and (args.patch_size < 16 or args.patch_size % 16):
+        parser.error("--patch-size must be a positive multiple of 16")
     args.output = Path(args.output).resolve()
     args.data_dir = Path(args.data_dir).resolve()
     args.glas = Path(args.glas).resolve()
@@ -148,36 +161,12 @@ def experiment_settings(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": args.gpu,
         "iterations": args.iterations,
         "val_every": args.val_every,
-        "downsample": args.downsample,
         "options": shared_options(args),
         "max_test_images": args.max_test_images,
     }
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def downsample_glas(source: Path, target: Path, factor: int) -> None:
-    """Write a ``factor``-times smaller PNG copy of GlaS (box-filtered images, nearest-neighbour masks)."""
-    from PIL import Image
-
-    sys.path.insert(0, str(BUNDLE_ROOT))
-    from bundle.prepare.glas import find_glas_cases
-
-    if (target / "complete").is_file():
-        return
-    _, cases = find_glas_cases(source)
-    for folder in ("images", "masks"):
-        (target / folder).mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        with Image.open(case.image) as image:
-            small = image.convert("RGB").reduce(factor)
-        small.save(target / "images" / f"{case.name}.png")
-        if case.mask is not None:
-            suffix = "_anno" if case.label_type == "instance" else ""
-            with Image.open(case.mask) as mask:
-                mask.resize(small.size, Image.Resampling.NEAREST).save(target / "masks" / f"{case.name}{suffix}.png")
-    (target / "complete").write_text(f"{len(cases)} images reduced {factor}x from {source}\n")
-
-
 def cut_test_list(dataset_dir: Path, target: Path, count: int) -> None:
     """A copy of ``dataset_dir``'s datalist whose test list keeps ``count`` images, alternating GlaS parts."""
     datalist = json.loads((dataset_dir / "datalist.json").read_text())
@@ -195,14 +184,7 @@ def cut_test_list(dataset_dir: Path, target: Path, count: int) -> None:
 def prepare_data(args: argparse.Namespace, commands: list[str]) -> dict[int, tuple[Path, Path]]:
     """Per split: (training dataset_dir, evaluation dataset_dir), prepared with ``python -m bundle.prepare glas``."""
     source = args.glas
-    tag = f"glas_x{args.downsample}"
-    if args.downsample > 1:
-        source = args.data_dir / tag
-        commands.append(
-            f"# GlaS reduced {args.downsample}x (images box-filtered, masks nearest): {args.glas} -> {source}"
-        )
-        if not args.dry_run:
-            downsample_glas(args.glas, source, args.downsample)
+    tag = "glas"
     folders = {}
     for split in args.splits:
         train_dir = args.data_dir / f"{tag}_split{split}"
@@ -230,7 +212,11 @@ def subprocess_env() -> dict[str, str]:
 
 
 def config_files(args: argparse.Namespace, preset: str, evaluate: bool = False) -> str:
-    names = ["train", preset] + (["uni"] if args.gpu else []) + (["evaluate"] if evaluate else [])
+    names = (
+        ["train", PRESET_CONFIG.get(preset, preset)]
+        + (["uni"] if args.gpu else [])
+        + (["evaluate"] if evaluate else [])
+    )
     return json.dumps([str(BUNDLE_ROOT / "configs" / f"{name}.json") for name in names])
 
 
@@ -243,10 +229,8 @@ def extra_overrides(text: str) -> dict[str, str]:
 
 
 def shared_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The crop, network and ``--extra`` options of every command of the experiment."""
-    options: dict[str, Any] = {"patch_size": [args.patch_size, args.patch_size]}
-    if not args.gpu:
-        options.update(CPU_NETWORK, sw_batch_size=16)
+    """The crop and ``--extra`` options of every command of the experiment (the rest is the configs' defaults)."""
+    options: dict[str, Any] = {} if args.patch_size is None else {"patch_size": [args.patch_size, args.patch_size]}
     return {**options, **extra_overrides(args.extra)}
 
 
@@ -262,9 +246,14 @@ def as_argument(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
+def iterations_of(args: argparse.Namespace, preset: str) -> int:
+    return args.equal_time_iterations if preset == EQUAL_TIME else args.iterations
+
+
 def training_command(args: argparse.Namespace, preset: str, seed: int, dataset_dir: Path, run_dir: Path) -> list[str]:
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_files(args, preset)]
-    schedule = {"max_epochs": args.iterations // args.val_every, "epoch_length": args.val_every, "val_interval": 1}
+    iterations = iterations_of(args, preset)
+    schedule = {"max_epochs": iterations // args.val_every, "epoch_length": args.val_every, "val_interval": 1}
     return command + overrides(args, run_dir, dataset_dir, seed=seed, **schedule)
 
 
@@ -315,9 +304,10 @@ def run_one(args: argparse.Namespace, preset: str, split: int, seed: int, dirs: 
             shutil.rmtree(run_dir, ignore_errors=True)  # a killed training starts again: clean logs and wall time
             run_dir.mkdir(parents=True)
             (run_dir / "commands.txt").write_text(shlex.join(train) + "\n" + shlex.join(evaluate) + "\n")
-            print(f"{label} {preset} split {split} % seed {seed}: training {args.iterations} iterations", flush=True)
+            iterations = iterations_of(args, preset)
+            print(f"{label} {preset} split {split} % seed {seed}: training {iterations} iterations", flush=True)
             train_record = run_logged(train, run_dir / "train_console.txt")
-            train_record.update(iterations=args.iterations, epoch_length=args.val_every)
+            train_record.update(iterations=iterations, epoch_length=args.val_every)
             (run_dir / TRAIN_RECORD).write_text(json.dumps(train_record, indent=4))
             print(f"{label} trained in {train_record['wall_s'] / 60:.1f} min", flush=True)
         print(f"{label} {preset} split {split} % seed {seed}: evaluating", flush=True)
@@ -339,7 +329,8 @@ def run_one(args: argparse.Namespace, preset: str, split: int, seed: int, dirs: 
         "eval_wall_s": eval_record["wall_s"],
         "eval_cpu_s": eval_record["cpu_s"],
         "test_images": metrics["num_images"],
-        **{key: metrics["overall"][key] for key in TABLE_METRICS},
+        **{key: metrics["overall"][key] for key in RECORD_METRICS},
+        "postprocessing": metrics.get("postprocessing", "none"),
         "best_val_dice": max((value for _, value in scalars.get("val_dice", {}).values()), default=math.nan),
         "run_dir": str(run_dir),
     }
@@ -393,7 +384,8 @@ def summarise(records: list[dict]) -> list[dict]:
                 continue
             row: dict[str, Any] = {"split": split, "preset": preset, "seeds": [r["seed"] for r in runs]}
             row["iterations"] = runs[0]["iterations"]
-            for key in TABLE_METRICS:
+            row["postprocessing"] = runs[0]["postprocessing"]
+            for key in RECORD_METRICS:
                 row[key] = spread([r[key] for r in runs])
             for key in TIMINGS:
                 row[key] = statistics.fmean(r[key] for r in runs)
@@ -404,16 +396,18 @@ def summarise(records: list[dict]) -> list[dict]:
 def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
     test_images = f"{args.max_test_images}" if args.max_test_images else "the 80"
-    resolution = f" at 1/{args.downsample} resolution" if args.downsample > 1 else ""
+    cleanup = sorted({row["postprocessing"] for row in rows})
     configs = "configs/train.json + preset" + (" + configs/uni.json" if args.gpu else "")
     options = " ".join(f"--{key} {as_argument(value)}" for key, value in shared_options(args).items())
     lines = [
         "# Ablation on GlaS",
         "",
-        f"Test set: {test_images} GlaS test images{resolution}. Every run: {args.iterations} iterations, validation "
-        f"every {args.val_every}, seeds {', '.join(map(str, seeds))}; {configs} with `{options}`.",
-        "Scores: mean ± sample standard deviation over seeds (min and max in results.csv). Wall time: one training "
-        "run (start-up and validations included); s / it: median seconds per training iteration.",
+        f"Test set: {test_images} GlaS test images, scored at their original resolution after post-processing "
+        f"({'; '.join(cleanup)}). Every run: validation every {args.val_every} iterations, seeds "
+        f"{', '.join(map(str, seeds))}; {configs}" + (f" with `{options}`." if options else " (their defaults)."),
+        "Scores: mean ± sample standard deviation over seeds (min and max in results.csv); mDice and gland Dice are "
+        "per-image means, pooled ones pool every pixel of the test set (the UniMatch-family convention). Wall time: "
+        "one training run (start-up and validations included); s / it: median seconds per training iteration.",
         "",
         "| split | preset | seeds | iterations | "
         + " | ".join(TABLE_METRICS.values())
@@ -437,7 +431,7 @@ def write_results(rows: list[dict], records: list[dict], args: argparse.Namespac
     for row in rows:
         flat = {key: row[key] for key in ("split", "preset", "iterations")}
         flat["seeds"] = " ".join(map(str, row["seeds"]))
-        for key in TABLE_METRICS:
+        for key in RECORD_METRICS:
             flat.update({f"{key}_{stat}": value for stat, value in row[key].items()})
         flat.update({key: row[key] for key in TIMINGS})
         flat_rows.append(flat)
@@ -552,8 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     for index, (split, seed, preset) in enumerate(plan, start=1):
         records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
-    rows = summarise(records)
-    table = write_results(rows, records, args)
+        rows = summarise(records)
+        table = write_results(rows, records, args)  # after every run: a stopped experiment loses nothing
     plots = [
         write_curves(records, split, args.output, len(read_json(folders[split][0] / "datalist.json")["validation"]))
         for split in args.splits

@@ -29,23 +29,26 @@ def ablation():
 def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir, ablation, capsys):
     output = tmp_path / "ablation"
     argv = ["--glas", str(glas_dir), "--output", str(output), "--data-dir", str(tmp_path / "data")]
-    argv += ["--splits", "10", "--presets", "supervised", "mpamatch", "--seeds", "0", "--iterations", "4"]
-    argv += ["--val-every", "2", "--patch-size", "64", "--downsample", "4", "--max-test-images", "4"]
+    argv += ["--splits", "10", "--presets", "supervised", "mpamatch", "supervised_equal_time", "--seeds", "0"]
+    argv += ["--iterations", "4"]
+    argv += ["--val-every", "2", "--patch-size", "64", "--max-test-images", "4", "--equal-time-iterations", "6"]
     argv += ["--extra", TINY_NETWORK]
     result = ablation.main(argv)
 
     table = (output / "results.md").read_text(encoding="utf-8")
     assert table in capsys.readouterr().out  # printed exactly as written
-    assert [(row["split"], row["preset"]) for row in result["summary"]] == [(10, "supervised"), (10, "mpamatch")]
+    presets = [(row["split"], row["preset"], row["iterations"]) for row in result["summary"]]
+    assert presets == [(10, "supervised", 4), (10, "mpamatch", 4), (10, "supervised_equal_time", 6)]
     for row in result["summary"]:
-        assert row["iterations"] == 4 and row["seeds"] == [0]
-        for key in ("mdice", "mjaccard", "dice", "object_f1"):
+        assert row["seeds"] == [0] and row["postprocessing"] == "objects under 200 px removed, holes filled"
+        for key in ("mdice", "pooled_mdice", "mjaccard", "pooled_mjaccard", "dice", "pooled_dice", "object_f1"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] == 0.0
         assert row["train_wall_s"] > 0 and math.isfinite(row["s_per_iteration"])
-        assert f"| {row['split']} % | {row['preset']} | 1 | 4 |" in table
+        assert f"| {row['split']} % | {row['preset']} | 1 | {row['iterations']} |" in table
+    assert "after post-processing (objects under 200 px removed, holes filled)" in table
     with open(output / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 and all(0.0 <= float(row["mdice_mean"]) <= 1.0 for row in rows)
+    assert len(rows) == 3 and all(0.0 <= float(row["pooled_mdice_mean"]) <= 1.0 for row in rows)
     assert json.loads((output / "results.json").read_text())["settings"]["iterations"] == 4
     for run in result["runs"]:
         assert run["test_images"] == 4
@@ -60,14 +63,15 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
         assert (output / "curves_10.png").stat().st_size > 0
 
     # resumption: a finished run is skipped; a trained but unevaluated run is evaluated, not trained again
-    runs = {run["preset"]: Path(run["run_dir"]) for run in result["runs"]}
+    assert "configs/supervised.json" in (Path(result["runs"][2]["run_dir"]) / "commands.txt").read_text()
+    runs = {run["preset"]: Path(run["run_dir"]) for run in result["runs"][:2]}
     trained = {preset: (folder / "train_time.json").stat().st_mtime_ns for preset, folder in runs.items()}
     evaluated = (runs["mpamatch"] / "eval" / "metrics.json").stat().st_mtime_ns
     (runs["supervised"] / "eval" / "metrics.json").unlink()
     again = ablation.main(argv)
     printed = capsys.readouterr().out
     assert "mpamatch split 10 % seed 0: done before, skipped" in printed
-    assert "supervised split 10 % seed 0: evaluating" in printed and "training 4 iterations" not in printed
+    assert "] supervised split 10 % seed 0: evaluating" in printed and "training 4 iterations" not in printed
     assert {preset: (folder / "train_time.json").stat().st_mtime_ns for preset, folder in runs.items()} == trained
     assert (runs["mpamatch"] / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
     assert again["summary"][1]["mdice"] == result["summary"][1]["mdice"]
@@ -85,17 +89,18 @@ def test_dry_run_prints_the_documented_commands(tmp_path, ablation, capsys):
     assert capsys.readouterr().out.split("\n")[:-1] == commands
     training = [c for c in commands if " run training " in c]
     evaluation = [c for c in commands if "evaluate.json" in c]
-    assert len(training) == len(evaluation) == 5 * 2 * 2  # presets x splits x seeds (CPU default)
+    assert len(training) == len(evaluation) == 5 * 2 * 3  # presets x splits x seeds (CPU default)
     for preset in ablation.PRESETS:
-        assert sum(f"configs/{preset}.json" in c for c in training) == 4
-    assert all("--max_epochs 12 --epoch_length 25" in c and "--head_channels 128" in c for c in training)
+        assert sum(f"configs/{preset}.json" in c for c in training) == 6
+    assert all("--max_epochs 12 --epoch_length 50" in c and "--patch_size" not in c for c in training)
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()  # nothing written
 
     gpu = ablation.main(common + ["--dry-run", "--gpu", "--splits", "10", "--presets", "mpamatch"])["commands"]
     gpu_training = [c for c in gpu if " run training " in c]
     assert len(gpu_training) == 3 and all("configs/uni.json" in c and "--head_channels" not in c for c in gpu_training)
     assert all("--max_epochs 16 --epoch_length 500" in c and "--patch_size '[256, 256]'" in c for c in gpu_training)
-    assert not any("reduced" in c for c in gpu)  # full-resolution images
+    with pytest.raises(SystemExit):  # the equal-time preset needs its iterations
+        ablation.main(common + ["--dry-run", "--presets", "supervised_equal_time"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")

@@ -195,7 +195,16 @@ def test_metrics_json(report_run):
     output_dir, report, _ = report_run
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics == report.metrics
-    assert set(metrics) == {"overall", "parts", "num_images", "object_source", "class_names", "conventions"}
+    assert set(metrics) == {
+        "overall",
+        "parts",
+        "num_images",
+        "object_source",
+        "class_names",
+        "postprocessing",
+        "conventions",
+    }
+    assert metrics["postprocessing"] == "none"
     assert metrics["num_images"] == 4
     assert metrics["object_source"] == "connected_components"
     assert metrics["class_names"] == ["background", "gland"]
@@ -251,12 +260,13 @@ def test_printed_table(report_run, capsys):
     report.write()  # prints the table again
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["part", "count", *REPORT_BLOCK_KEYS]
-    assert [line.split()[0] for line in lines[1:]] == ["testA", "testB", "overall"]
+    assert [line.split()[0] for line in lines[1:4]] == ["testA", "testB", "overall"]
     overall = lines[3].split()
     assert overall[1] == "4"
     assert overall[2] == f"{EXPECTED_OVERALL['dice']:.4f}"
     assert overall[6] == f"{EXPECTED_OVERALL['hd95']:.2f}"
     assert lines[2].split()[7] == f"{2 / 3:.4f}"  # testB object F1
+    assert lines[4] == "post-processing of the predictions: none"
 
 
 def test_rerun_starts_afresh(report_run):

@@ -111,6 +111,8 @@ def inference_workflow(dataset_dir, output_dir, checkpoint, **overrides) -> Conf
         "ckpt_path": str(checkpoint),
         "progress": False,
         "sw_batch_size": 16,
+        "min_object_area": 0,  # alignment tests compare pixel for pixel: no clean-up unless a test asks for it
+        "fill_holes": False,
         **overrides,
     }
     workflow = ConfigWorkflow(config_file=INFERENCE_JSON, workflow_type="infer", logging_file=False, **settings)
@@ -155,8 +157,18 @@ def test_network_def_is_the_one_of_train_json():
         "decoder_channels",
         "embedding_dim",
         "freeze_encoder",
+        "full_res_skip",
     }
-    for name in sorted(ids | {"intensity_mean", "intensity_std", "bundle_root", "device"}):
+    shared = {
+        "intensity_mean",
+        "intensity_std",
+        "bundle_root",
+        "device",
+        "image_scale",
+        "min_object_area",
+        "fill_holes",
+    }
+    for name in sorted(ids | shared):
         assert infer[name] == train[name], name
 
 
@@ -395,7 +407,7 @@ def test_cli_from_another_directory_with_a_large_tiled_tiff(tmp_path, inputs, la
     red = str(RED_NETWORK).replace(" ", "")
     common = ["--bundle_root", str(REPO_ROOT), "--dataset_dir", str(data), "--network_def", red]
     options = ["--patch_size", "[256,256]", "--sw_batch_size", "32", "--large_image_block", "2048"]
-    options += ["--save_probabilities", "True"]
+    options += ["--save_probabilities", "True", "--min_object_area", "0", "--fill_holes", "False"]
     done = run_cli([*common, "--output_dir", str(out), "--ckpt_path", str(red_checkpoint), *options], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     check_outputs(sorted(data.iterdir()), out, probabilities=True)
@@ -403,3 +415,102 @@ def test_cli_from_another_directory_with_a_large_tiled_tiff(tmp_path, inputs, la
         with tifffile.TiffFile(out / name) as tif:
             assert tif.pages[0].is_tiled and tif.pages[0].tile == (256, 256)  # written band by band
     assert "slide.tif: 100%" in done.stderr  # the progress bar over its blocks
+
+
+def shapes_image(size: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """RGB with red discs (one with a hole) and 2x2 specks; and the mask the clean-up must give."""
+    yy, xx = np.mgrid[:size, :size]
+    red = np.zeros((size, size), bool)
+    keep = np.zeros((size, size), bool)
+    for cy, cx, radius in ((60, 60, 25), (60, 200, 18), (250, 120, 30), (200, 260, 20)):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        red |= disc
+        keep |= disc
+    red[58:63, 198:203] = False  # a hole in the second disc (filled by the clean-up)
+    for y, x in ((20, 150), (150, 30), (300, 300), (128, 128)):
+        red[y : y + 2, x : x + 2] = True  # specks of 4 px (removed), one on a block corner
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[..., 0] = np.where(red, 220, 30)
+    rgb[..., 1] = 90
+    return rgb, np.where(keep, 255, 0).astype(np.uint8)
+
+
+def test_cleanup_removes_specks_and_fills_holes_on_both_paths(tmp_path, red_checkpoint):
+    rgb, expected = shapes_image()
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(rgb).save(data / "shapes.png")
+    outputs = {}
+    for path_name, pixels in (("whole", 10**9), ("tiled", 1)):
+        out = tmp_path / path_name
+        workflow = inference_workflow(
+            data,
+            out,
+            red_checkpoint,
+            network_def=RED_NETWORK,
+            patch_size=[64, 64],
+            large_image_pixels=pixels,
+            large_image_block=128,
+            large_image_tile=64,
+            min_object_area=20,
+            fill_holes=True,
+        )
+        workflow.run()
+        outputs[path_name] = np.asarray(Image.open(out / "shapes_mask.png"))
+    np.testing.assert_array_equal(outputs["whole"], expected)
+    np.testing.assert_array_equal(outputs["tiled"], expected)
+
+
+def test_mask_cleanup_by_hand():
+    from bundle.inference import MaskCleanup, describe_cleanup
+
+    mask = np.zeros((1, 12, 12), np.float32)
+    mask[0, 1:6, 1:6] = 1
+    mask[0, 3, 3] = 0  # a hole in a gland: filled
+    mask[0, 8, 8] = 1  # a 1-px speck: removed
+    mask[0, 8:11, 1:4] = 2
+    mask[0, 9, 2] = 0  # a hole in class 2: filled with 2
+    mask[0, 2:5, 8:11] = 1
+    mask[0, 3, 9] = 2  # a 1-px speck of class 2 inside class 1: removed, then filled as the gland's hole
+    expected = np.zeros((12, 12), np.float32)
+    expected[1:6, 1:6] = 1
+    expected[8:11, 1:4] = 2
+    expected[2:5, 8:11] = 1
+    out = MaskCleanup(min_object_area=5, fill_holes=True)(torch.as_tensor(mask))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 12, 12)
+    np.testing.assert_array_equal(out[0].numpy(), expected)
+    only_small = MaskCleanup(min_object_area=5)(mask[0])  # [H, W] numpy in, numpy out; holes stay
+    assert only_small[3, 3] == 0 and only_small[8, 8] == 0 and only_small[3, 9] == 0
+    assert MaskCleanup()(mask) is mask
+    assert describe_cleanup(200, True) == "objects under 200 px removed, holes filled"
+    assert describe_cleanup(0, False) == "none"
+    for bad in (-1, 2.5, True):
+        with pytest.raises(BundleInputError, match="min_object_area"):
+            MaskCleanup(min_object_area=bad)
+
+
+def test_scaled_inferer_runs_the_network_at_its_scale_and_returns_the_input_size():
+    from monai.inferers import SimpleInferer
+
+    from bundle.inference import ScaledInferer
+
+    seen = []
+
+    def network(x):
+        seen.append(x.clone())
+        return x[:, :2] * 2.0
+
+    image = torch.rand(2, 3, 8, 12)
+    out = ScaledInferer(SimpleInferer(), scale=0.5)(image, network)
+    assert out.shape == (2, 2, 8, 12)
+    # the network sees the area average of each 2x2 block (no aliasing), and a constant map comes back constant
+    torch.testing.assert_close(seen[0], torch.nn.functional.avg_pool2d(image, 2))
+    flat = ScaledInferer(SimpleInferer(), scale=0.5)(torch.full((1, 3, 8, 12), 0.25), network)
+    torch.testing.assert_close(flat, torch.full((1, 2, 8, 12), 0.5))
+    same = ScaledInferer(SimpleInferer(), scale=1.0)(image, network)
+    assert seen[-1].shape == image.shape and torch.equal(same, image[:, :2] * 2.0)
+    windows = ScaledInferer(type("W", (), {"roi_size": (64, 64)})(), scale=0.5)
+    assert windows.roi_size == (128, 128)  # the context in input pixels, for the large-image margin
+    for bad in (0, -0.5, 5, "half"):
+        with pytest.raises(BundleInputError, match="image_scale"):
+            ScaledInferer(SimpleInferer(), scale=bad)

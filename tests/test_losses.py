@@ -186,6 +186,17 @@ def test_mpamatch_total_combines_terms():
     assert torch.allclose(terms["loss_u_fp"], expected_fp)
     sup = loss(step_outputs(semi=False, with_embedding=False), iteration=1)
     assert set(sup) == {"loss", "loss_x"} and torch.allclose(sup["loss"], sup["loss_x"])
+    weighted = MPAMatchLoss(
+        num_classes=2, image_weight=0.0, text_weight=0.0, confidence_threshold=0.7, loss_weights=(1.0, 0.25)
+    )
+    again = weighted(out, iteration=1)
+    assert torch.allclose(again["loss"], terms["loss_x"] + 0.25 * terms["loss_u"])
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, -0.5), (1.0, 1.0, 1.0)])
+def test_mpamatch_rejects_bad_loss_weights(weights):
+    with pytest.raises(BundleInputError, match="loss_weights"):
+        MPAMatchLoss(num_classes=2, image_weight=0.0, text_weight=0.0, loss_weights=weights)
 
 
 def test_mpamatch_prototype_terms_warmup_and_gradients():

@@ -372,3 +372,22 @@ def test_hybrid_plain_forward_is_traceable():
     with torch.no_grad():
         traced = torch.jit.trace(net, image)
         assert torch.allclose(traced(image), net(image), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- full-resolution skip
+
+
+def test_full_res_skip_feeds_the_last_decoder_block_and_trains_with_the_decoder():
+    net = make_hybrid(full_res_skip=8)
+    assert net.decoder.num_skips == 4 and net.decoder.blocks[-1].convs[0].in_channels == 16 + 8
+    image = torch.randn(2, 3, 64, 96, requires_grad=True)
+    logits = net(image)
+    assert logits.shape == (2, 3, 64, 96)
+    logits[0, :, 10, 20].sum().backward()
+    assert all(p.grad is not None for p in net.full_res_stem.parameters())
+    decoder_group = next(g for g in net.parameter_groups(1e-3) if g["name"] == "decoder")
+    stem_ids = {id(p) for p in net.full_res_stem.parameters()}
+    assert stem_ids <= {id(p) for p in decoder_group["params"]}
+    assert make_hybrid().full_res_stem is None and make_hybrid().decoder.num_skips == 3
+    with pytest.raises(BundleInputError, match="full_res_skip"):
+        make_hybrid(full_res_skip=-1)

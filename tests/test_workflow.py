@@ -243,3 +243,61 @@ def test_short_training_on_real_glas(tmp_path, glas_dir):
     first, last = float(np.mean(sup[:10])), float(np.mean(sup[-10:]))
     # measured first-10 vs last-10 ratios over seeds 0-3: 0.88, 0.75, 0.84, 0.91
     assert last < 0.95 * first, f"supervised loss did not fall: first 10 mean {first:.4f}, last 10 mean {last:.4f}"
+
+
+def test_image_scale_resizes_training_data_and_validates_at_full_resolution(tmp_path, synthetic_dir):
+    overrides = small_overrides(tmp_path, synthetic_dir, image_scale=0.5, cache_rate=1.0, max_epochs=1)
+    workflow = make_workflow(config_files("supervised"), **overrides)
+    workflow.initialize()
+    parser = workflow.parser
+    item = parser.get_parsed_content("train#dataset")[0]  # cached: loaded, resized, then randomly cropped
+    loaded = parser.get_parsed_content("train#dataset").data[0]
+    full = parser.get_parsed_content("validate#dataset")[0]
+    assert tuple(item["image"].shape[1:]) == (64, 64)
+    rescale = parser.get_parsed_content("rescale")
+    assert len(rescale) == 1
+    from monai.transforms import Compose
+
+    halved = Compose(parser.get_parsed_content("load_image") + parser.get_parsed_content("load_mask") + rescale)(
+        dict(loaded)
+    )
+    height, width = full["label"].shape[1:]
+    assert tuple(halved["image"].shape[1:]) == (height // 2, width // 2) == tuple(halved["label"].shape[1:])
+    assert set(torch.unique(halved["label"]).tolist()) <= {0, 1}  # nearest: still class indices
+    seen = []
+    network = parser.get_parsed_content("network")
+    network.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    # windows of the half-size image, and a Dice against the full-size label (a size mismatch would raise)
+    assert seen and all(size == (64, 64) for size in seen)
+    assert 0.0 <= evaluator.state.metrics["val_dice"] <= 1.0
+    assert parser.get_parsed_content("validate#inferer").scale == 0.5
+    unscaled = make_workflow(config_files("supervised"), **small_overrides(tmp_path / "b", synthetic_dir))
+    unscaled.initialize()
+    assert unscaled.parser.get_parsed_content("rescale") == []
+
+
+def test_warmup_poly_schedule_by_hand():
+    from bundle.engine import warmup_poly_schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    schedule = warmup_poly_schedule(optimizer, total_iterations=10, warmup_iterations=3, power=1.0)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # warm-up (step + 1) / 4 for steps 0..2, then 1 - (step - 3) / 7
+    expected = [0.25, 0.5, 0.75] + [1 - k / 7 for k in range(7)]
+    assert rates == pytest.approx(expected)
+    plain = torch.optim.SGD([parameter], lr=1.0)
+    poly = warmup_poly_schedule(plain, total_iterations=4, power=0.9)
+    assert plain.param_groups[0]["lr"] == 1.0
+    plain.step()
+    poly.step()
+    assert plain.param_groups[0]["lr"] == pytest.approx(0.75**0.9)
+    for bad in (10, -1):
+        with pytest.raises(BundleInputError, match="lr_warmup_iterations"):
+            warmup_poly_schedule(optimizer, total_iterations=10, warmup_iterations=bad)

@@ -19,6 +19,7 @@ _EXPORTS = {
     "ddp_module": "distributed",
     "handlers_for_rank": "distributed",
     "optimizer_param_groups": "optim",
+    "warmup_poly_schedule": "optim",
     "rank_shard": "distributed",
 }
 

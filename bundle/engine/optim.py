@@ -1,10 +1,15 @@
-"""Optimizer parameter groups: the network (encoder at its own rate or frozen) plus the loss's learnable prompts."""
+"""Optimizer parameter groups (the network, encoder at its own rate or frozen, plus the loss's learnable prompts)
+and the learning-rate schedule (linear warm-up, then poly decay)."""
 
 from __future__ import annotations
 
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["optimizer_param_groups"]
+from bundle.errors import BundleInputError
+
+__all__ = ["optimizer_param_groups", "warmup_poly_schedule"]
 
 
 def optimizer_param_groups(
@@ -32,3 +37,25 @@ def optimizer_param_groups(
         if extra:
             groups.append({"params": extra, "lr": lr * text_lr_scale, "name": "prompts"})
     return [g for g in groups if len(list(g["params"])) > 0]
+
+
+def warmup_poly_schedule(
+    optimizer: Optimizer, total_iterations: int, warmup_iterations: int = 0, power: float = 0.9
+) -> LambdaLR:
+    """Linear warm-up from ``1 / (warmup + 1)`` of each group's rate to all of it, then poly decay to 0.
+
+    A network trained from scratch with a high rate diverges or stalls in its first iterations (AdamW's second-moment
+    estimates start from nothing); the warm-up lets them settle. ``warmup_iterations=0`` is torch's ``PolynomialLR``.
+    """
+    total, warmup = int(total_iterations), int(warmup_iterations)
+    if total < 1 or not 0 <= warmup < total:
+        raise BundleInputError(
+            f"lr_warmup_iterations must be in [0, {total}) for {total} training iterations, got {warmup}"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, 1.0 - (step - warmup) / (total - warmup)) ** power
+
+    return LambdaLR(optimizer, factor)

@@ -6,10 +6,10 @@ of the images that are currently among the ``overlay_count`` best or worst by gl
 predictions are never accumulated. When the evaluator completes it writes, in ``output_dir``:
 
 - ``metrics.json``: ``{"overall": {...}, "parts": {"testA": {...}, ...}, "num_images": n, "object_source": ...,
-  "class_names": [...], "conventions": {...}}``; each block holds ``dice, jaccard, mdice, mjaccard, hd95,
-  object_f1, object_dice, object_hausdorff, count``. Pixel metrics are means over the block's images; the object
-  metrics are computed the GlaS contest's way over the block (F1 of the summed TP/FP/FN; object Dice and Hausdorff
-  pooled over all objects of all images). Non-finite values are written as ``null``.
+  "class_names": [...], "postprocessing": "...", "conventions": {...}}``; each block holds ``dice, jaccard, mdice,
+  mjaccard, hd95, object_f1, object_dice, object_hausdorff, count``. Pixel metrics are means over the block's
+  images; the object metrics are computed the GlaS contest's way over the block (F1 of the summed TP/FP/FN; object
+  Dice and Hausdorff pooled over all objects of all images). Non-finite values are written as ``null``.
 - ``metrics_per_image.csv``: one row per image (the metrics of that image alone, and its object counts).
 - ``overlays/best_<k>_<name>.png`` and ``overlays/worst_<k>_<name>.png``: the image with ground-truth (green) and
   predicted (magenta) contours and a caption; k = 1 is the best (or worst) image.
@@ -152,6 +152,7 @@ class SegmentationReport:
         intensity_scale: factor from the de-normalised image to 0..255 (255 for images scaled to [0, 1]).
         connectivity: 2 for 8-connected objects (GlaS), 1 for 4-connected.
         overlay_thickness: contour width in pixels.
+        postprocessing: what was done to the predictions before scoring (written to ``metrics.json`` and printed).
 
     Values are read from each item of ``engine.state.output`` first, then from the matching item of
     ``engine.state.batch`` (where MONAI leaves the datalist's extra keys such as ``name`` and ``part``). After a
@@ -178,8 +179,10 @@ class SegmentationReport:
         intensity_scale: float = 255.0,
         connectivity: int = GLAS_CONNECTIVITY,
         overlay_thickness: int = 2,
+        postprocessing: str = "none",
     ) -> None:
         self.class_names = [str(name) for name in class_names]
+        self.postprocessing = str(postprocessing)
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
         if len(self.class_names) != self.num_classes:
             raise BundleInputError(
@@ -428,6 +431,7 @@ class SegmentationReport:
             "num_images": len(self.rows),
             "object_source": self._object_source_used(),
             "class_names": list(self.class_names),
+            "postprocessing": self.postprocessing,
             "conventions": dict(CONVENTIONS),
         }
 
@@ -468,7 +472,7 @@ class SegmentationReport:
         overlays = self._write_overlays() if self.overlay_count else []
         self.metrics = serialisable
         if self.summary:
-            table = self.table(metrics)
+            table = self.table(metrics) + f"\npost-processing of the predictions: {self.postprocessing}"
             print(table, flush=True)
             logger.info("segmentation report (%d images):\n%s", len(self.rows), table)
         logger.info(

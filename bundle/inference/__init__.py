@@ -4,15 +4,19 @@
 - :mod:`.checkpoint`: ``CheckpointWeightsLoader`` / ``load_network_weights`` (``models/model.pt`` into the network)
 - :mod:`.writers`: ``SaveSegmentationd`` (a ``SaveImaged`` writing masks/probabilities with the input's size)
 - :mod:`.regions`: windows of an image (a TIFF is decoded tile by tile)
+- :mod:`.cleanup`: ``MaskCleanupd`` (objects under ``min_object_area`` removed, holes filled, per class)
+- :mod:`.scaling`: ``ScaledInferer`` (predicts at the model's ``image_scale``, returns the input's size)
 - :mod:`.large_images`: ``LargeImageSegmenter`` (block-wise sliding-window inference, tiled TIFF output)
 """
 
 from __future__ import annotations
 
 from .checkpoint import CheckpointWeightsLoader, load_network_weights, network_state_dict
+from .cleanup import MaskCleanup, MaskCleanupd, describe_cleanup
 from .inputs import IMAGE_SUFFIXES, filter_by_size, image_size, inference_inputs, is_tiff
 from .large_images import LargeImageSegmenter
 from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
+from .scaling import ScaledInferer, check_image_scale
 from .writers import OutputFolderLayout, SaveSegmentationd, SegmentationWriter, TiledTiffWriter, write_map
 
 __all__ = [
@@ -20,12 +24,17 @@ __all__ = [
     "ArrayRegionReader",
     "CheckpointWeightsLoader",
     "LargeImageSegmenter",
+    "MaskCleanup",
+    "MaskCleanupd",
     "OutputFolderLayout",
     "SaveSegmentationd",
+    "ScaledInferer",
     "SegmentationWriter",
     "TiffRegionReader",
     "TiledTiffWriter",
     "filter_by_size",
+    "check_image_scale",
+    "describe_cleanup",
     "image_size",
     "inference_inputs",
     "is_tiff",

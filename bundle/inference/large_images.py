@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..errors import BundleInputError
 from .checkpoint import CheckpointWeightsLoader
+from .cleanup import MaskCleanup
 from .regions import open_region_reader
 from .writers import OutputFolderLayout, TiledTiffWriter, to_output_dtype, write_map
 
@@ -100,6 +101,9 @@ class LargeImageSegmenter:
         inferer: the config's inferer (a ``SlidingWindowInferer``), called as ``inferer(block, network)``.
         output_dir, output_ext, data_root_dir: as for :class:`~bundle.inference.writers.SaveSegmentationd`.
         mask_scale: the mask value of class k is ``k * mask_scale`` (uint8).
+        cleanup: a :class:`~bundle.inference.cleanup.MaskCleanup`, applied to each block's class map with its
+            margin, before the margin is cut off: an object crossing a block edge is judged on the part of it the
+            window holds (at least ``margin`` pixels beyond the edge), a hole on what the window encloses.
         save_probabilities, probability_dtype, probability_channels: write ``<stem>_prob.tif`` with these
             softmax channels (``None``: all) as float32/float16.
         weights: a :class:`~bundle.inference.checkpoint.CheckpointWeightsLoader` whose ``load()`` runs first.
@@ -119,6 +123,7 @@ class LargeImageSegmenter:
         output_ext: str | None = None,
         data_root_dir: str | os.PathLike = "",
         mask_scale: float = 1,
+        cleanup: MaskCleanup | None = None,
         save_probabilities: bool = False,
         probability_dtype: str = "float32",
         probability_channels: Sequence[int] | None = None,
@@ -148,6 +153,7 @@ class LargeImageSegmenter:
         self.mask_layout = OutputFolderLayout(output_dir, "mask", output_ext, data_root_dir)
         self.prob_layout = OutputFolderLayout(output_dir, "prob", ".tif", data_root_dir)
         self.mask_scale = mask_scale
+        self.cleanup = cleanup
         self.save_probabilities = save_probabilities
         self.probability_dtype = np.dtype(probability_dtype)
         self.probability_channels = None if probability_channels is None else list(probability_channels)
@@ -210,8 +216,11 @@ class LargeImageSegmenter:
                         y1 = min(height, top + band_height + self.margin)
                         x1 = min(width, left + block_width + self.margin)
                         probs = self._predict_block(reader.read(y0, x0, y1 - y0, x1 - x0), path)
-                        probs = probs[:, top - y0 : top - y0 + band_height, left - x0 : left - x0 + block_width]
                         classes = _first_argmax(probs).numpy()
+                        if self.cleanup is not None:
+                            classes = self.cleanup(classes)
+                        core = (slice(top - y0, top - y0 + band_height), slice(left - x0, left - x0 + block_width))
+                        probs, classes = probs[(slice(None),) + core], classes[core]
                         mask_band[:, left : left + block_width] = to_output_dtype(classes, np.uint8, self.mask_scale)
                         if self.save_probabilities:
                             selected = probs if self.probability_channels is None else probs[self.probability_channels]

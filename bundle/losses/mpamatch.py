@@ -1,7 +1,9 @@
 """The MPAMatch training objective: supervised + UniMatch consistency + image/text prototype contrast (method.md 4).
 
-``L = (L_x + L_u) / 2 + w(t) * (lambda_img L_img + lambda_txt L_txt + lambda_align L_align)`` with a linear
-warm-up ``w(t)``; without unlabelled data ``L = L_x + w(t) * (...)``. A term whose weight is 0 is not computed at all
+``L = a L_x + b L_u + w(t) * (lambda_img L_img + lambda_txt L_txt + lambda_align L_align)`` with a linear warm-up
+``w(t)``; ``(a, b) = loss_weights``, UniMatch's ``(0.5, 0.5)`` by default; without unlabelled data
+``L = L_x + w(t) * (...)``. With SGD on a short schedule ``a = 0.5`` halves the supervised signal against the
+supervised preset; ``(1, 1)`` gives L_x the same weight in every preset. A term whose weight is 0 is not computed at all
 (no projection head, no text encoder, no bank update when nothing needs them). The trainer fills a
 :class:`StepOutputs` and gets back every term, so each one can be logged every iteration.
 """
@@ -60,6 +62,7 @@ class MPAMatchLoss(nn.Module):
         supervised_loss: ``L_x`` (default :class:`SupervisedLoss`: 0.5 CE + 0.5 Dice).
         consistency_loss: the per-view loss ``l`` of ``L_u`` (default :class:`ConsistencyLoss`: masked CE).
         consistency_weights: weights of the two strong views and the feature-perturbed view in ``L_u``.
+        loss_weights: weights (a, b) of ``L_x`` and ``L_u`` in semi-supervised iterations.
         confidence_threshold: tau; pixels whose weak-view confidence reaches it are reliable.
         threshold_start: tau at iteration 0 when a threshold warm-up is wanted (None: no warm-up).
         threshold_warmup_iterations: iterations over which tau rises linearly from ``threshold_start``.
@@ -82,6 +85,7 @@ class MPAMatchLoss(nn.Module):
         supervised_loss: nn.Module | None = None,
         consistency_loss: nn.Module | None = None,
         consistency_weights: Sequence[float] = (0.25, 0.25, 0.5),
+        loss_weights: Sequence[float] = (0.5, 0.5),
         confidence_threshold: float = 0.95,
         threshold_start: float | None = None,
         threshold_warmup_iterations: int = 0,
@@ -112,6 +116,9 @@ class MPAMatchLoss(nn.Module):
         )
         self.consistency_loss = consistency_loss if consistency_loss is not None else ConsistencyLoss()
         self.consistency_weights = tuple(float(w) for w in consistency_weights)
+        if len(loss_weights) != 2 or min(loss_weights) < 0:
+            raise BundleInputError(f"loss_weights needs 2 values >= 0 (L_x, L_u), got {list(loss_weights)}")
+        self.loss_weights = tuple(float(w) for w in loss_weights)
         self.threshold = float(confidence_threshold)
         self.threshold_start = self.threshold if threshold_start is None else float(threshold_start)
         self.threshold_warmup_iterations = int(threshold_warmup_iterations)
@@ -158,7 +165,7 @@ class MPAMatchLoss(nn.Module):
             terms["loss_u_s2"] = self.consistency_loss(out.logits_s2, out.pseudo_s2, out.conf_s2 >= tau)
             terms["loss_u_fp"] = self.consistency_loss(out.logits_fp, out.pseudo_w, reliable_w)
             terms["loss_u"] = w1 * terms["loss_u_s1"] + w2 * terms["loss_u_s2"] + wfp * terms["loss_u_fp"]
-            total = (terms["loss_x"] + terms["loss_u"]) / 2.0
+            total = self.loss_weights[0] * terms["loss_x"] + self.loss_weights[1] * terms["loss_u"]
             terms["reliable_ratio"] = reliable_w.float().mean()
             terms["threshold"] = terms["loss_x"].new_tensor(tau)  # on the device: logged with the others
         else:

@@ -47,8 +47,9 @@ class DecoderBlock(nn.Module):
 class CUPDecoder(nn.Module):
     """TransUNet's cascaded upsampler: 3x3 conv to ``head_channels``, then one :class:`DecoderBlock` per width.
 
-    Block i takes skip i when there is one (1/8, 1/4, 1/2 for the first three blocks); the last block, to full
-    resolution, has none. ``forward`` returns every block's output (coarse to fine).
+    Block i takes skip i when there is one (1/8, 1/4, 1/2 for the first three blocks; the last block, to full
+    resolution, takes the network's full-resolution skip when it has one). ``forward`` returns every block's output
+    (coarse to fine).
     """
 
     def __init__(
@@ -100,6 +101,9 @@ class TransUNet(nn.Module):
         head_channels: width of the conv applied to the encoder's 1/16 map.
         embedding_dim: channels D of the per-pixel embedding.
         projection_level: decoder block whose output feeds the projection head (1: the 1/4 map).
+        full_res_skip: channels of a full-resolution skip (two 3x3 conv-BN-ReLU on the image) into the last decoder
+            block; 0: none, as TransUNet. Without it the 1-3 px gaps between neighbouring glands are decoded from
+            1/2-resolution features only, and touching glands merge.
         fp_dropout: channel-dropout rate of the feature-perturbation stream (active in train mode only).
         freeze_encoder: keep the encoder backbone fixed (no gradients, always in eval mode).
     """
@@ -117,6 +121,7 @@ class TransUNet(nn.Module):
         projection_level: int = 1,
         fp_dropout: float = 0.5,
         freeze_encoder: bool = False,
+        full_res_skip: int = 0,
     ) -> None:
         super().__init__()
         decoder_channels = tuple(int(c) for c in decoder_channels)
@@ -135,9 +140,15 @@ class TransUNet(nn.Module):
         self.num_classes = num_classes
         self.projection_level = projection_level
         self.freeze_encoder = freeze_encoder
-        self.decoder = CUPDecoder(
-            self.encoder.out_channels, self.encoder.skip_channels, head_channels, decoder_channels
+        if full_res_skip < 0:
+            raise BundleInputError(f"full_res_skip must be >= 0 channels, got {full_res_skip}")
+        self.full_res_stem = (
+            nn.Sequential(conv_bn_relu(in_channels, full_res_skip), conv_bn_relu(full_res_skip, full_res_skip))
+            if full_res_skip
+            else None
         )
+        skip_channels = tuple(self.encoder.skip_channels) + ((int(full_res_skip),) if full_res_skip else ())
+        self.decoder = CUPDecoder(self.encoder.out_channels, skip_channels, head_channels, decoder_channels)
         self.segmentation_head = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=3, padding=1)
         self.projection_head = ProjectionHead(decoder_channels[projection_level], embedding_dim)
         self.feature_perturbation = nn.Dropout2d(fp_dropout)
@@ -190,6 +201,8 @@ class TransUNet(nn.Module):
             )
         batch = image.shape[0]
         features, skips = self.encoder(image)
+        if self.full_res_stem is not None:
+            skips = list(skips) + [self.full_res_stem(image)]
         if perturb_from is not None:
             if not 0 <= perturb_from <= batch:
                 raise ValueError(f"perturb_from must be in [0, {batch}] for a batch of {batch}, got {perturb_from}")
