@@ -1,21 +1,24 @@
-"""Ablation of MPAMatch's terms on real GlaS: five presets, the 10 % and 20 % splits, equal schedules and seeds.
+"""Ablation of MPAMatch's terms on real GlaS: the presets, the 10 % and 20 % splits, equal schedules, 3 seeds.
 
 Every run goes through the bundle's own commands, as subprocesses:
 
-    python -m bundle.prepare glas --source SRC --output DATA/glas_x2_split10 --split 10
+    python -m bundle.prepare glas --source SRC --output DATA/glas_split10 --split 10
     python -m monai.bundle run training --config_file "['configs/train.json','configs/<preset>.json']" \
-        --bundle_root . --dataset_dir DATA/glas_x2_split10 --output_dir RUN --ckpt_dir RUN/models --seed S \
-        --max_epochs E --epoch_length L --val_interval 1 --patch_size "[128,128]" ...
+        --bundle_root . --dataset_dir DATA/glas_split10 --output_dir RUN --ckpt_dir RUN/models --seed S \
+        --max_epochs E --epoch_length L --val_interval 1 ...
     python -m monai.bundle run --config_file "['configs/train.json','configs/<preset>.json','configs/evaluate.json']" \
         ... --output_dir RUN --ckpt_dir RUN/models          # -> RUN/eval/metrics.json
 
-for the presets supervised, unimatch, image_prototypes, text_prototypes and mpamatch, each split and each seed, with
-the same number of iterations. It records each training's wall time, evaluates each best network (by validation
-gland Dice) on the 80 GlaS test images and writes, in ``--output``:
+for the presets supervised, unimatch, image_prototypes, text_prototypes and mpamatch (and, when asked for,
+``mpamatch_random_text``, the text control, and ``supervised_equal_time``, configs/supervised.json trained for
+``--equal-time-iterations``, as long as a semi-supervised run takes), each split and each seed, with the same
+number of iterations. It records each training's wall time, evaluates each best network (by validation gland Dice)
+on the 80 GlaS test images at their original resolution, after the configs' clean-up, and writes, in ``--output``
+(after every run, so a stopped experiment loses nothing):
 
-- ``results.md`` (printed as written), ``results.csv``, ``results.json``: per split and preset, test mDice,
-  mJaccard, gland Dice and object F1 (mean and spread over the seeds), iterations, wall time per training run and
-  seconds per iteration; ``runs.csv``: every run (folders relative to ``--output``);
+- ``results.md`` (printed as written), ``results.csv``, ``results.json``: per split and preset, test mDice and
+  gland Dice as per-image means and pooled over the test set, object F1 (mean and spread over the seeds; Jaccard in
+  the CSV), iterations, wall time per training run and seconds per iteration; ``runs.csv``: every run;
 - ``curves_10.png``, ``curves_20.png``: validation gland Dice and supervised loss (``loss_x``) against iteration,
   one line per preset, mean over seeds (read from each run's TensorBoard events; the values are also written to
   ``curves_<split>.csv``; the PNGs need matplotlib);
@@ -23,33 +26,14 @@ gland Dice) on the 80 GlaS test images and writes, in ``--output``:
   ``eval/`` (metrics.json, per-image CSV, overlays), console output and ``commands.txt``.
 
 The experiment resumes: a run whose ``eval/metrics.json`` exists is not redone (a trained but unevaluated run is
-only evaluated), so a killed experiment continues where it stopped when the same command is run again. A run that
-was killed during training starts again from scratch, so every recorded wall time is one uninterrupted training.
+only evaluated), so a killed experiment continues where it stopped when the same command is run again, and more
+presets or seeds can be added to the same ``--output`` later. A run that was killed during training starts again
+from scratch, so every recorded wall time is one uninterrupted training.
 
-CPU default (``python benchmarks/ablation.py --glas /path/to/glas --output runs/ablation``, about 2 hours on 2 CPU
-cores): GlaS at half resolution (``--downsample 2``: a box-filtered copy of the images and nearest-neighbour masks
-is written to ``--data-dir``, outside the repository; a 128 px crop then covers what a 256 px crop covers at full
-resolution, and validation and evaluation are 4x cheaper), a narrower TransUNet (``CPU_NETWORK``: 0.9 M parameters
-instead of 5.9 M), 128 px crops, batch 4 + 4, 300 iterations per run, validation every 25 iterations, seeds 0 and 1,
-both splits: 20 runs. Test metrics are computed at that half resolution (HD95, not in the table, in half-resolution
-pixels).
-
-Estimate. The CPU network halves the default network's iteration time, measured single-threaded on half-resolution
-GlaS (semi-supervised 1.45 s against 2.90 s, supervised 0.27 s against 0.48 s); scaled to the default's 1.7 s and
-0.4 s on 2 idle cores (``benchmarks/default_config.py``):
-
-    semi-supervised iteration ~0.9 s, supervised ~0.22 s
-    training, per split and seed: (4 x 0.9 + 0.22) s x 300 iterations  = 1,150 s
-    validation: 12 per run x ~2.5 s (12 half-resolution images)        = 5 x 30 s = 150 s
-    evaluation: the 80 half-resolution test images, ~30 s per run      = 5 x 30 s = 150 s
-    start-up and exit: ~20 s per subprocess, 2 per run                 = 5 x 40 s = 200 s
-    per split and seed                                                 ~ 1,650 s
-    x 2 splits x 2 seeds                                               ~ 6,600 s = 1 h 50 min
-
-Measured on that machine with one thread while other jobs held the other core (``OMP_NUM_THREADS=1``, 50
-iterations, split 10, seed 0): supervised trained in 37 s (0.27 s per iteration), mpamatch in 95 s (1.45 s), and
-each evaluation of the 80 test images took 55 s, 15 s of it start-up; at that pace the default takes about 2 h 40
-min. A third seed adds half of the time; ``--iterations`` scales the training line.
+CPU default (``python benchmarks/ablation.py --glas /path/to/glas --output runs/ablation``): the defaults of
+``configs/train.json`` (the CPU recipe: ``image_scale`` 0.5, the 0.9 M-parameter network, AdamW), 600 iterations
+per run, validation every 50, seeds 0 1 2. A semi-supervised run trains in about 10-15 minutes on 2 idle cores, a
+supervised one in about 4; ``--dry-run`` lists the commands.
 
 GPU full protocol (``--gpu``: the paper's setting, ``configs/uni.json`` merged on top of each preset: UNI ViT-L/16 at
 0.1x learning rate, 256 px crops, full-resolution images, batch 8 + 8, 8,000 iterations, validation every 500,
@@ -62,8 +46,6 @@ Its duration is 30 runs x 8,000 iterations divided by the iterations per second 
 prints, plus 16 validations and one evaluation per run. Each run's ``checkpoints/`` (``last.pt`` and ``best.pt``,
 about 2.5 GB each with UNI: weights and SGD momentum) is deleted after its evaluation unless ``--keep-checkpoints``;
 ``models/model.pt`` is kept.
-
-``--dry-run`` prints every command without running anything.
 """
 
 from __future__ import annotations

@@ -61,24 +61,24 @@ def test_hybrid_logits_shape_square_and_non_square(height, width):
         features, skips = net.encoder(image)
     assert isinstance(logits, torch.Tensor)
     assert logits.shape == (2, 3, height, width)
-    assert features.shape == (2, 192, height // 16, width // 16)
+    assert features.shape == (2, 128, height // 16, width // 16)
     assert [tuple(s.shape) for s in skips] == [
-        (2, 128, height // 8, width // 8),
-        (2, 64, height // 4, width // 4),
-        (2, 32, height // 2, width // 2),
+        (2, 64, height // 8, width // 8),
+        (2, 32, height // 4, width // 4),
+        (2, 16, height // 2, width // 2),
     ]
 
 
 def test_hybrid_encoder_attributes_and_decoder_widths():
     net = make_hybrid(default_size=True)
-    assert (net.encoder.out_channels, net.encoder.skip_channels, net.encoder.patch_size) == (192, (128, 64, 32), 16)
-    assert net.encoder.pos_embed.shape == (1, 8 * 8, 192)  # img_size 128 -> 8x8 grid
-    assert len(net.encoder.blocks) == 4
+    assert (net.encoder.out_channels, net.encoder.skip_channels, net.encoder.patch_size) == (128, (64, 32, 16), 16)
+    assert net.encoder.pos_embed.shape == (1, 8 * 8, 128)  # img_size 128 -> 8x8 grid
+    assert len(net.encoder.blocks) == 2
     first_convs = [block.convs[0].conv for block in net.decoder.blocks]
-    # block i concatenates skip i (128, 64, 32) to the upsampled map; the last block has no skip
+    # block i concatenates skip i (64, 32, 16) to the upsampled map; the last block has no skip
     widths = [(c.in_channels, c.out_channels) for c in first_convs]
-    assert widths == [(512 + 128, 256), (256 + 64, 128), (128 + 32, 64), (64, 16)]
-    assert net.decoder.conv_more.conv.in_channels == 192 and net.decoder.conv_more.conv.out_channels == 512
+    assert widths == [(512 + 64, 256), (256 + 32, 128), (128 + 16, 64), (64, 16)]
+    assert net.decoder.conv_more.conv.in_channels == 128 and net.decoder.conv_more.conv.out_channels == 512
 
 
 def test_timm_preset_shapes_and_skip_blocks():

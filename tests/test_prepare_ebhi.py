@@ -59,6 +59,7 @@ def test_gland_task_from_the_command_line(ebhi_root, tmp_path, capsys):
         "class_names": ["background", "gland"],
         "mask_mode": "threshold",
         "mask_threshold": 127,
+        "min_object_area": 100,
     }
     first = datalist["training"][0]
     assert first == {
@@ -89,6 +90,7 @@ def test_cancer_task_uses_adenocarcinoma_only(ebhi_root):
     settings = datalist["settings"]
     assert settings["class_names"] == ["background", "adenocarcinoma"] and settings["mask_mode"] == "threshold"
     assert "adenocarcinoma" in settings["class_descriptions"][1]  # not the train config's colon-gland text
+    assert settings["min_object_area"] == 100  # 224 px images: not the gland model's 20x area
     counts = {key: len(datalist[key]) for key in LISTS}
     assert counts == {"training": 3, "validation": 1, "unlabeled": 2, "test": 2}  # 8: 1, 2, then 3 of 5
     assert {item["part"] for key in LISTS for item in datalist[key]} == {"Adenocarcinoma"}

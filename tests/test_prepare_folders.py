@@ -91,13 +91,21 @@ def test_grey_masks_set_the_threshold_mask_mode_in_dataset_json(tmp_path, capsys
     code, _, err = run_cli(capsys, *args, "--mask-type", "grey", "--test-fraction", "0")
     assert code == 0 and err == ""
     settings = json.loads((tmp_path / "out" / "dataset.json").read_text())
-    assert settings == {"dataset_dir": str(tmp_path / "out"), "mask_mode": "threshold", "mask_threshold": 127}
-    # binary masks need nothing beyond the folder
+    assert settings == {
+        "dataset_dir": str(tmp_path / "out"),
+        "mask_mode": "threshold",
+        "mask_threshold": 127,
+        "min_object_area": 0,  # objects of unknown size: the gland model's clean-up is not applied
+        "fill_holes": False,
+    }
+    # binary masks need nothing else
     binary = write_folders(tmp_path / "binary_source", labelled=6, unlabelled=0)
     args = ["folders", "--images", binary / "images", "--masks", binary / "masks", "--output", tmp_path / "binary"]
     code, _, _ = run_cli(capsys, *args, "--test-fraction", "0")
     assert code == 0 and json.loads((tmp_path / "binary" / "dataset.json").read_text()) == {
-        "dataset_dir": str(tmp_path / "binary")
+        "dataset_dir": str(tmp_path / "binary"),
+        "min_object_area": 0,
+        "fill_holes": False,
     }
 
 

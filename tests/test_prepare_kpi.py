@@ -60,7 +60,7 @@ def test_lists_counts_parts_and_files(prepared, kpi_source):
     assert datalist["tile_size"] == 32 and datalist == read_datalist(prepared["out"])
     settings = json.loads((prepared["out"] / "dataset.json").read_text())
     assert settings["dataset_dir"] == str(prepared["out"]) and settings["class_names"] == ["background", "glomerulus"]
-    assert "glomerul" in settings["class_descriptions"][1]
+    assert "glomerul" in settings["class_descriptions"][1] and settings["min_object_area"] == 500
     out = prepared["out"]
     for item in datalist["training"]:
         assert item["image"].startswith(str(out / "tiles" / "images")) and os.path.isfile(item["image"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import config_files, make_workflow, record_terms, small_overrides
+from helpers import REPO_ROOT, config_files, make_workflow, record_terms, small_overrides
 from monai.bundle import ConfigParser
 from monai.engines import IterationEvents
 
@@ -130,13 +130,14 @@ def test_empty_unlabeled_pool_falls_back_to_supervised(tmp_path, synthetic_dir):
     assert "loss_u" not in history[-1] and "loss_img" in history[-1]
 
 
-def test_cutmix_from_a_separate_batch_and_adamw_preset(tmp_path, synthetic_dir):
+def test_cutmix_from_a_separate_batch_and_sgd_preset(tmp_path, synthetic_dir):
     overrides = small_overrides(
         tmp_path, synthetic_dir, max_epochs=1, epoch_length=2, cutmix_source="batch", cutmix_prob=1.0
     )
-    workflow = make_workflow(config_files("adamw"), **overrides)
+    workflow = make_workflow(config_files("sgd"), **overrides)
     workflow.initialize()
-    assert type(workflow.parser.get_parsed_content("optimizer")).__name__ == "AdamW"
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["momentum"] == 0.9
     history = record_terms(workflow.parser.get_parsed_content("train#trainer"))
     workflow.run()
     assert len(history) == 2 and all(math.isfinite(v) for v in history[-1].values())
@@ -183,7 +184,11 @@ def test_config_pipelines_keep_image_and_label_aligned(synthetic_dir):
 
     parser = ConfigParser()
     parser.read_config(config_files())
-    parser.update({"bundle_root": str(Path(__file__).resolve().parents[1]), "patch_size": [64, 64]})
+    # at full resolution (downscaling thins 1 px mask details differently in a mean and a nearest pixel), without
+    # colour jitter of the labelled crops (so that the weak view must equal the labelled image exactly)
+    parser.update(
+        {"bundle_root": str(REPO_ROOT), "patch_size": [64, 64], "labeled_jitter_prob": 0.0, "image_scale": 1.0}
+    )
     labelled = parser.get_parsed_content("train#preprocessing")
     unlabeled = parser.get_parsed_content("train#unlabeled#preprocessing")
     mask_path = synthetic_dir / "masks" / "syn_000.png"
@@ -273,7 +278,9 @@ def test_image_scale_resizes_training_data_and_validates_at_full_resolution(tmp_
     assert seen and all(size == (64, 64) for size in seen)
     assert 0.0 <= evaluator.state.metrics["val_dice"] <= 1.0
     assert parser.get_parsed_content("validate#inferer").scale == 0.5
-    unscaled = make_workflow(config_files("supervised"), **small_overrides(tmp_path / "b", synthetic_dir))
+    unscaled = make_workflow(
+        config_files("supervised"), **small_overrides(tmp_path / "b", synthetic_dir, image_scale=1.0)
+    )
     unscaled.initialize()
     assert unscaled.parser.get_parsed_content("rescale") == []
 
@@ -298,6 +305,34 @@ def test_warmup_poly_schedule_by_hand():
     plain.step()
     poly.step()
     assert plain.param_groups[0]["lr"] == pytest.approx(0.75**0.9)
-    for bad in (10, -1):
-        with pytest.raises(BundleInputError, match="lr_warmup_iterations"):
-            warmup_poly_schedule(optimizer, total_iterations=10, warmup_iterations=bad)
+    with pytest.raises(BundleInputError, match="lr_warmup_iterations"):
+        warmup_poly_schedule(optimizer, total_iterations=10, warmup_iterations=-1)
+    short = torch.optim.SGD([parameter], lr=1.0)
+    warmup_poly_schedule(short, total_iterations=4, warmup_iterations=50, power=1.0)  # a smoke run: 2 of 4
+    assert short.param_groups[0]["lr"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow
+def test_default_recipe_learns_on_real_glas(tmp_path, glas_dir):
+    """100 supervised iterations of the default recipe (network, AdamW, augmentation, image_scale) on the 7 labelled
+    GlaS images reach a validation mDice that a broken pipeline does not.
+
+    Measured on the 12 validation images of the 10 % split (one CPU core, 80 s of training): seeds 0 and 1 reached
+    val mDice 0.641 and 0.640; the same runs with the 7 labels rotated against their images (each image trained on
+    another image's mask) 0.454 and 0.401; after 3 iterations the network predicts gland almost everywhere (0.36).
+    """
+    data = tmp_path / "glas10"
+    assert prepare_main(["glas", "--source", str(glas_dir), "--output", str(data), "--split", "10"]) == 0
+    overrides = {
+        "bundle_root": str(Path(__file__).resolve().parents[1]),
+        "output_dir": str(tmp_path / "out"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "max_epochs": 1,
+        "epoch_length": 100,
+    }
+    workflow = make_workflow(config_files("supervised") + [str(data / "dataset.json")], **overrides)
+    workflow.initialize()
+    assert len(workflow.parser.get_parsed_content("validate#dataset")) == 12
+    workflow.run()
+    learned = workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_mdice"]
+    assert learned >= 0.56, f"validation mDice {learned:.4f} after 100 iterations"

@@ -3,6 +3,8 @@ and the learning-rate schedule (linear warm-up, then poly decay)."""
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -10,6 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from bundle.errors import BundleInputError
 
 __all__ = ["optimizer_param_groups", "warmup_poly_schedule"]
+
+logger = logging.getLogger(__name__)
 
 
 def optimizer_param_groups(
@@ -46,12 +50,16 @@ def warmup_poly_schedule(
 
     A network trained from scratch with a high rate diverges or stalls in its first iterations (AdamW's second-moment
     estimates start from nothing); the warm-up lets them settle. ``warmup_iterations=0`` is torch's ``PolynomialLR``.
+    A run shorter than twice the warm-up (a smoke test) warms up for half of its iterations instead, and says so.
     """
     total, warmup = int(total_iterations), int(warmup_iterations)
-    if total < 1 or not 0 <= warmup < total:
-        raise BundleInputError(
-            f"lr_warmup_iterations must be in [0, {total}) for {total} training iterations, got {warmup}"
-        )
+    if warmup < 0:
+        raise BundleInputError(f"lr_warmup_iterations must be >= 0, got {warmup}")
+    if total < 1:
+        raise BundleInputError(f"training needs at least 1 iteration (max_epochs x epoch_length), got {total}")
+    if warmup > total // 2:
+        logger.info("lr_warmup_iterations %d cut to %d: half of this run's %d iterations", warmup, total // 2, total)
+        warmup = total // 2
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -235,6 +235,8 @@ def build_ebhi_datalist(
             # the labels are grey with anti-aliased edges: binarised when loaded
             "mask_mode": "threshold",
             "mask_threshold": EBHI_MASK_THRESHOLD,
+            # 224 px images: the clean-up removes specks only, not small glands cut by the image border
+            "min_object_area": 100,
         },
         "source": root,
         **split.datalist_lists(items),

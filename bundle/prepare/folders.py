@@ -153,8 +153,12 @@ def build_folders_datalist(
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
-        # grey masks (soft edges) are binarised when loaded
-        "settings": {"mask_mode": "threshold", "mask_threshold": _GREY_THRESHOLD} if mask_type == "grey" else {},
+        # grey masks (soft edges) are binarised when loaded; objects of unknown size: no clean-up unless asked for
+        "settings": {
+            **({"mask_mode": "threshold", "mask_threshold": _GREY_THRESHOLD} if mask_type == "grey" else {}),
+            "min_object_area": 0,
+            "fill_holes": False,
+        },
         "images": check_source(images, "images"),
         "masks": check_source(masks, "masks"),
         **split.datalist_lists(items),

@@ -331,6 +331,7 @@ def build_kpi_datalist(
             "num_classes": len(KPI_CLASS_NAMES),
             "class_names": list(KPI_CLASS_NAMES),
             "class_descriptions": list(KPI_CLASS_DESCRIPTIONS),
+            "min_object_area": 500,  # glomeruli are thousands of pixels; a glomerulus cut by a tile edge is kept
         },
         "source": source,
         "training": _flatten(item_lists[: ends[0]]),
