@@ -40,24 +40,27 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     presets = [(row["split"], row["preset"], row["iterations"]) for row in result["summary"]]
     assert presets == [(10, "supervised", 4), (10, "mpamatch", 4), (10, "supervised_equal_time", 6)]
     for row in result["summary"]:
-        assert row["seeds"] == [0] and row["postprocessing"] == "objects under 200 px removed, holes filled"
+        assert row["seeds"] == [0] and row["postprocessing"] == "objects under 2000 px removed, holes filled"
         for key in ("mdice", "pooled_mdice", "mjaccard", "pooled_mjaccard", "dice", "pooled_dice", "object_f1"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] == 0.0
         assert row["train_wall_s"] > 0 and math.isfinite(row["s_per_iteration"])
         assert f"| {row['split']} % | {row['preset']} | 1 | {row['iterations']} |" in table
-    assert "after post-processing (objects under 200 px removed, holes filled)" in table
+    assert "after post-processing (objects under 2000 px removed, holes filled)" in table
     with open(output / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and all(0.0 <= float(row["pooled_mdice_mean"]) <= 1.0 for row in rows)
     assert json.loads((output / "results.json").read_text())["settings"]["iterations"] == 4
     for run in result["runs"]:
         assert run["test_images"] == 4
-        assert sorted(run["curves"]["val_dice"]) == [2, 4] and sorted(run["curves"]["loss_x"]) == [1, 2, 3, 4]
+        steps = list(range(1, run["iterations"] + 1))
+        assert sorted(run["curves"]["val_dice"]) == steps[1::2] and sorted(run["curves"]["loss_x"]) == steps
         assert not (Path(run["run_dir"]) / "checkpoints").exists() and (Path(run["run_dir"]) / "models").is_dir()
     with open(output / "curves_10.csv", newline="") as handle:
         curves = list(csv.DictReader(handle))
     assert {(row["preset"], row["curve"]) for row in curves} == {
-        (preset, curve) for preset in ("supervised", "mpamatch") for curve in ("val_dice", "loss_x")
+        (preset, curve)
+        for preset in ("supervised", "mpamatch", "supervised_equal_time")
+        for curve in ("val_dice", "loss_x")
     }
     if importlib.util.find_spec("matplotlib") is not None:
         assert (output / "curves_10.png").stat().st_size > 0

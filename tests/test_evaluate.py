@@ -78,8 +78,8 @@ def test_evaluate_writes_metrics_per_part_csv_and_overlays(trained):
             assert picture.mode == "RGB" and picture.size == source.size
     assert all(row["name"].startswith("test") for row in rows)
     assert "object_f1" in done.stdout and "testB" in done.stdout  # the summary table is printed
-    assert metrics["postprocessing"] == "objects under 200 px removed, holes filled"
-    assert "post-processing of the predictions: objects under 200 px removed, holes filled" in done.stdout
+    assert metrics["postprocessing"] == "objects under 2000 px removed, holes filled"
+    assert "post-processing of the predictions: objects under 2000 px removed, holes filled" in done.stdout
 
 
 def test_evaluate_without_a_checkpoint_is_one_clear_line(tmp_path):

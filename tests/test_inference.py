@@ -111,7 +111,9 @@ def inference_workflow(dataset_dir, output_dir, checkpoint, **overrides) -> Conf
         "ckpt_path": str(checkpoint),
         "progress": False,
         "sw_batch_size": 16,
-        "min_object_area": 0,  # alignment tests compare pixel for pixel: no clean-up unless a test asks for it
+        # alignment tests compare pixel for pixel: at full resolution, no clean-up unless a test asks for it
+        "image_scale": 1.0,
+        "min_object_area": 0,
         "fill_holes": False,
         **overrides,
     }
@@ -407,7 +409,16 @@ def test_cli_from_another_directory_with_a_large_tiled_tiff(tmp_path, inputs, la
     red = str(RED_NETWORK).replace(" ", "")
     common = ["--bundle_root", str(REPO_ROOT), "--dataset_dir", str(data), "--network_def", red]
     options = ["--patch_size", "[256,256]", "--sw_batch_size", "32", "--large_image_block", "2048"]
-    options += ["--save_probabilities", "True", "--min_object_area", "0", "--fill_holes", "False"]
+    options += [
+        "--save_probabilities",
+        "True",
+        "--image_scale",
+        "1.0",
+        "--min_object_area",
+        "0",
+        "--fill_holes",
+        "False",
+    ]
     done = run_cli([*common, "--output_dir", str(out), "--ckpt_path", str(red_checkpoint), *options], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     check_outputs(sorted(data.iterdir()), out, probabilities=True)

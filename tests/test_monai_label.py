@@ -381,4 +381,4 @@ def test_learning_rate_schedule_follows_monailabel_max_epochs(tmp_path):
     workflow.initialize()
     scheduler = workflow.parser.get_parsed_content("lr_scheduler")
     epoch_length = workflow.parser.get_parsed_content("epoch_length")
-    assert scheduler.total_iters == 50 * epoch_length
+    assert scheduler.total_iterations == 50 * epoch_length

@@ -66,4 +66,6 @@ def warmup_poly_schedule(
             return (step + 1) / (warmup + 1)
         return max(0.0, 1.0 - (step - warmup) / (total - warmup)) ** power
 
-    return LambdaLR(optimizer, factor)
+    schedule = LambdaLR(optimizer, factor)
+    schedule.total_iterations, schedule.warmup_iterations = total, warmup  # saved with the schedule's state
+    return schedule
