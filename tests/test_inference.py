@@ -313,26 +313,24 @@ def test_tiny_transunet_on_real_glas_with_class_index_masks(tmp_path, inputs, ti
         assert set(np.unique(mask)) <= {0, 1}
 
 
+def masks_on_both_paths(tmp_path, data, checkpoint, stem: str, **overrides) -> dict[str, np.ndarray]:
+    """The PNG mask of ``data/<stem>`` from the whole-image path and the tiled path (tiny blocks: several bands)."""
+    outputs = {}
+    for path_name, pixels in (("whole", 10**9), ("tiled", 1)):
+        out = tmp_path / path_name
+        settings = {"large_image_pixels": pixels, "large_image_block": 128, "large_image_tile": 64, **overrides}
+        workflow = inference_workflow(data, out, checkpoint, network_def=RED_NETWORK, patch_size=[64, 64], **settings)
+        workflow.run()
+        outputs[path_name] = np.asarray(Image.open(out / f"{stem}_mask.png"))
+    return outputs
+
+
 def test_tiled_path_equals_whole_image_path_for_a_pixelwise_network(tmp_path, inputs, red_checkpoint):
     """The same PNG through both paths (tiny blocks force several bands and blocks) gives the same mask."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "odd.png").symlink_to(inputs / "odd.png")
-    outputs = {}
-    for path_name, pixels in (("whole", 10**9), ("tiled", 1)):
-        out = tmp_path / path_name
-        workflow = inference_workflow(
-            data,
-            out,
-            red_checkpoint,
-            network_def=RED_NETWORK,
-            patch_size=[64, 64],
-            large_image_pixels=pixels,
-            large_image_block=128,
-            large_image_tile=64,
-        )
-        workflow.run()
-        outputs[path_name] = np.asarray(Image.open(out / "odd_mask.png"))
+    outputs = masks_on_both_paths(tmp_path, data, red_checkpoint, "odd")
     np.testing.assert_array_equal(outputs["tiled"], outputs["whole"])
     np.testing.assert_array_equal(outputs["whole"], expected_mask(decoded_rgb(inputs / "odd.png")))
 
@@ -451,23 +449,7 @@ def test_cleanup_removes_specks_and_fills_holes_on_both_paths(tmp_path, red_chec
     data = tmp_path / "data"
     data.mkdir()
     Image.fromarray(rgb).save(data / "shapes.png")
-    outputs = {}
-    for path_name, pixels in (("whole", 10**9), ("tiled", 1)):
-        out = tmp_path / path_name
-        workflow = inference_workflow(
-            data,
-            out,
-            red_checkpoint,
-            network_def=RED_NETWORK,
-            patch_size=[64, 64],
-            large_image_pixels=pixels,
-            large_image_block=128,
-            large_image_tile=64,
-            min_object_area=20,
-            fill_holes=True,
-        )
-        workflow.run()
-        outputs[path_name] = np.asarray(Image.open(out / "shapes_mask.png"))
+    outputs = masks_on_both_paths(tmp_path, data, red_checkpoint, "shapes", min_object_area=20, fill_holes=True)
     np.testing.assert_array_equal(outputs["whole"], expected)
     np.testing.assert_array_equal(outputs["tiled"], expected)
 

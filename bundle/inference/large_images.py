@@ -216,11 +216,12 @@ class LargeImageSegmenter:
                         y1 = min(height, top + band_height + self.margin)
                         x1 = min(width, left + block_width + self.margin)
                         probs = self._predict_block(reader.read(y0, x0, y1 - y0, x1 - x0), path)
-                        classes = _first_argmax(probs).numpy()
-                        if self.cleanup is not None:
-                            classes = self.cleanup(classes)
                         core = (slice(top - y0, top - y0 + band_height), slice(left - x0, left - x0 + block_width))
-                        probs, classes = probs[(slice(None),) + core], classes[core]
+                        if self.cleanup is not None and self.cleanup.enabled:  # judged with the margin's context
+                            classes = self.cleanup(_first_argmax(probs).numpy())[core]
+                        else:
+                            classes = _first_argmax(probs[(slice(None),) + core]).numpy()
+                        probs = probs[(slice(None),) + core]
                         mask_band[:, left : left + block_width] = to_output_dtype(classes, np.uint8, self.mask_scale)
                         if self.save_probabilities:
                             selected = probs if self.probability_channels is None else probs[self.probability_channels]
