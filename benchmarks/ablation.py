@@ -27,8 +27,9 @@ on the 80 GlaS test images at their original resolution, after the configs' clea
 
 The experiment resumes: a run whose ``eval/metrics.json`` exists is not redone (a trained but unevaluated run is
 only evaluated), so a killed experiment continues where it stopped when the same command is run again, and more
-presets or seeds can be added to the same ``--output`` later. A run that was killed during training starts again
-from scratch, so every recorded wall time is one uninterrupted training.
+presets, seeds or splits can be added to the same ``--output`` later by other commands: the results files always
+summarise every finished run in ``--output``, whichever command trained it. A run that was killed during training
+starts again from scratch, so every recorded wall time is one uninterrupted training.
 
 CPU default (``python benchmarks/ablation.py --glas /path/to/glas --output runs/ablation``): the defaults of
 ``configs/train.json`` (the CPU recipe: ``image_scale`` 0.5, the 0.9 M-parameter network, AdamW), 600 iterations
@@ -272,7 +273,28 @@ def run_folder(args: argparse.Namespace, split: int, preset: str, seed: int) -> 
     return args.output / "runs" / f"split{split}" / preset / f"seed{seed}"
 
 
-def run_one(args: argparse.Namespace, preset: str, split: int, seed: int, dirs: tuple[Path, Path], label: str) -> dict:
+def finished_runs(args: argparse.Namespace) -> list[tuple[int, int, str]]:
+    """(split, seed, preset) of every trained and evaluated run in ``--output``."""
+    found = []
+    for split in SPLITS:
+        for preset in ALL_PRESETS:
+            for seed_dir in (args.output / "runs" / f"split{split}" / preset).glob("seed*"):
+                seed = seed_dir.name[len("seed") :]
+                done = (seed_dir / TRAIN_RECORD).is_file() and (seed_dir / "eval" / "metrics.json").is_file()
+                if seed.isdigit() and done:
+                    found.append((split, int(seed), preset))
+    return sorted(found)
+
+
+def validation_images(args: argparse.Namespace, split: int) -> int | None:
+    """Validation images of a split, from its prepared datalist (None when this command did not prepare it)."""
+    datalist = read_json(args.data_dir / f"glas_split{split}" / "datalist.json")
+    return len(datalist["validation"]) if datalist else None
+
+
+def run_one(
+    args: argparse.Namespace, preset: str, split: int, seed: int, dirs: tuple[Path, Path] | None, label: str
+) -> dict:
     """Train (unless trained) and evaluate (unless evaluated) one run; return its record."""
     run_dir = run_folder(args, split, preset, seed)
     metrics_path = run_dir / "eval" / "metrics.json"
@@ -451,7 +473,7 @@ def moving_average(values: list[float], width: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - width) : i + 1]) for i in range(len(values))]
 
 
-def write_curves(records: list[dict], split: int, output: Path, validation_images: int) -> Path | None:
+def write_curves(records: list[dict], split: int, output: Path, validation_images: int | None) -> Path | None:
     """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None."""
     series = {}
     for preset in ALL_PRESETS:
@@ -481,7 +503,7 @@ def write_curves(records: list[dict], split: int, output: Path, validation_image
     dice_axis.set(
         xlabel="iteration",
         ylabel="validation gland Dice",
-        title=f"GlaS {split} %: validation ({validation_images} images)",
+        title=f"GlaS {split} %: validation" + (f" ({validation_images} images)" if validation_images else ""),
     )
     loss_axis.set(xlabel="iteration", ylabel="supervised loss L_x (moving average)", title="training")
     for axis in (dice_axis, loss_axis):
@@ -525,15 +547,15 @@ def main(argv: list[str] | None = None) -> dict:
         return {"commands": commands}
 
     start = time.perf_counter()
-    records = []
+    earlier = [run for run in finished_runs(args) if run not in plan]  # trained by other commands in this folder
+    records = [run_one(args, preset, split, seed, None, "[earlier]") for split, seed, preset in earlier]
     for index, (split, seed, preset) in enumerate(plan, start=1):
         records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
+        records.sort(key=lambda r: (r["split"], r["seed"], ALL_PRESETS.index(r["preset"])))
         rows = summarise(records)
         table = write_results(rows, records, args)  # after every run: a stopped experiment loses nothing
-    plots = [
-        write_curves(records, split, args.output, len(read_json(folders[split][0] / "datalist.json")["validation"]))
-        for split in args.splits
-    ]
+    splits = sorted({record["split"] for record in records})
+    plots = [write_curves(records, split, args.output, validation_images(args, split)) for split in splits]
     print(table, end="")
     print(f"experiment: {len(plan)} runs in {(time.perf_counter() - start) / 60:.1f} min; results in {args.output}")
     return {"summary": rows, "runs": records, "table": table, "plots": [str(p) for p in plots if p is not None]}

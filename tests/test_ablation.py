@@ -79,6 +79,15 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     assert (runs["mpamatch"] / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
     assert again["summary"][1]["mdice"] == result["summary"][1]["mdice"]
 
+    # a command for one preset still summarises every finished run of the folder
+    alone = argv[: argv.index("--presets") + 1] + ["supervised", "--seeds", "0", "--iterations", "4"]
+    alone += ["--val-every", "2", "--patch-size", "64", "--max-test-images", "4", "--extra", TINY_NETWORK]
+    summary = ablation.main(alone)["summary"]
+    assert [row["preset"] for row in summary] == ["supervised", "mpamatch", "supervised_equal_time"]
+    assert [row["mdice"] for row in summary] == [row["mdice"] for row in again["summary"]]
+    assert "| 10 % | mpamatch | 1 | 4 |" in (output / "results.md").read_text(encoding="utf-8")
+    assert "[earlier] mpamatch split 10 % seed 0: done before, skipped" in capsys.readouterr().out
+
     # an output folder holds one setting only
     changed = list(argv)
     changed[changed.index("--iterations") + 1] = "6"
