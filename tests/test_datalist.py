@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import bundle.prepare.synthetic
-from bundle.data.datalist import DATALIST_FILENAME, PATH_KEYS, load_datalist, write_datalist
+from bundle.data.datalist import DATALIST_FILENAME, PATH_KEYS, load_datalist, unlabeled_pool, write_datalist
 from bundle.errors import BundleInputError
 from bundle.prepare.glas import prepare_glas
 from bundle.prepare.synthetic import ensure_dataset
@@ -299,3 +299,20 @@ def test_require_label_can_be_relaxed_for_inference_lists(tmp_path):
     with pytest.raises(BundleInputError, match="has no 'label' path"):
         load_datalist(tmp_path, "test")
     assert load_datalist(tmp_path, "test", require_label=False) == [{"image": str(image)}]
+
+
+def test_unlabeled_pool_from_a_datalist_or_a_folder_of_images(tmp_path):
+    """A datalist's 'unlabeled' list wins; a folder without one is a pool of the images directly in it."""
+    studies = tmp_path / "studies"
+    _touch(studies / "b.png", studies / "a.TIF", studies / "c.jpg", studies / "notes.txt")
+    _touch(studies / "labels" / "final" / "a.png")  # MONAI Label's labels: not images of the pool
+    (studies / "folder.png").mkdir()
+    assert unlabeled_pool(studies) == [{"image": str(studies / name)} for name in ("a.TIF", "b.png", "c.jpg")]
+
+    _write(tmp_path / "listed", {"unlabeled": [{"image": "x.png"}]})
+    _touch(tmp_path / "listed" / "x.png", tmp_path / "listed" / "y.png")
+    assert unlabeled_pool(tmp_path / "listed") == [{"image": str(tmp_path / "listed" / "x.png")}]
+    _write(tmp_path / "no_list", {"training": []})
+    _touch(tmp_path / "no_list" / "y.png")
+    assert unlabeled_pool(tmp_path / "no_list") == []  # a datalist without 'unlabeled': no pool
+    assert unlabeled_pool(tmp_path / "missing") == [] and unlabeled_pool(tmp_path / "listed" / "labels") == []

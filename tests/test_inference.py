@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
 from bundle.errors import BundleInputError, find_input_error, install_excepthook
-from bundle.inference import OutputFolderLayout, TiledTiffWriter, filter_by_size, inference_inputs
+from bundle.inference import LabelOutputd, OutputFolderLayout, TiledTiffWriter, filter_by_size, inference_inputs
 
 INFERENCE_JSON = str(REPO_ROOT / "configs" / "inference.json")
 TRAIN_JSON = str(REPO_ROOT / "configs" / "train.json")
@@ -507,3 +507,28 @@ def test_scaled_inferer_runs_the_network_at_its_scale_and_returns_the_input_size
     for bad in (0, -0.5, 5, "half"):
         with pytest.raises(BundleInputError, match="image_scale"):
             ScaledInferer(SimpleInferer(), scale=bad)
+
+
+def test_label_output_is_the_class_map_in_monai_xy_order():
+    """The end of ``postprocessing``: [1, H, W] class map -> [W, H] uint8 with (x, y) spatial shapes, on the CPU."""
+    from monai.data import MetaTensor
+
+    class_map = MetaTensor(torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]]]), meta={"filename_or_obj": "a.jpg"})
+    image = MetaTensor(torch.zeros(3, 2, 3), meta={"spatial_shape": np.asarray((2, 3))})
+    out = LabelOutputd(keys="pred")({"pred": class_map, "image": image, "image_path": "/x/a.JPG"})
+    label = out["pred"]
+    assert label.dtype == torch.uint8 and label.device.type == "cpu"
+    assert label.tolist() == [[0, 1], [1, 0], [2, 0]]  # row x of the label = column x of the map
+    assert tuple(label.meta["spatial_shape"]) == (3, 2) and label.meta["filename_or_obj"] == "a.jpg"
+    assert tuple(out["image"].meta["spatial_shape"]) == (3, 2)
+    assert tuple(image.meta["spatial_shape"]) == (2, 3)  # the caller's image is not changed
+    assert out["image"].data_ptr() == image.data_ptr()  # and not copied
+    assert out["result_extension"] == ".png"  # a label is never written as JPEG
+    kept = LabelOutputd(keys="pred")({"pred": class_map, "image_path": "a.jpg", "result_extension": ".nii.gz"})
+    assert kept["result_extension"] == ".nii.gz"
+    assert "result_extension" not in LabelOutputd(keys="pred")({"pred": class_map, "image_path": "a.tif"})
+
+    with pytest.raises(ValueError, match="argmax"):
+        LabelOutputd(keys="pred")({"pred": torch.full((1, 2, 2), 0.5)})
+    with pytest.raises(ValueError, match=r"\[1, H, W\]"):
+        LabelOutputd(keys="pred")({"pred": torch.zeros(2, 2, 2)})

@@ -9,11 +9,16 @@ ITK, SAM2, mlflow and about 150 other packages. The two helpers below transcribe
   bundle path, the bundle path is put on ``sys.path``; ``network_def``, ``preprocessing`` (its ``LoadImaged`` with
   ``image_only=False``, wrapped to accept arrays), ``inferer`` and ``postprocessing`` (every ``SaveImaged`` removed)
   are instantiated; ``models/model.pt`` is loaded with ``checkpoint.get("model", checkpoint)``, ``strict=False``; a
-  ``Restored`` step resizes the prediction to the input's ``spatial_shape`` when they differ.
+  ``Restored`` step resizes the prediction to the input's ``spatial_shape`` when they differ; the ``Writer``
+  (``monailabel/transform/writer.py``) transposes every array of two or more dimensions before ITK writes it, with
+  the extension ``result_extension`` or the input's.
 - train: ``monai.bundle.run("run", ...)`` on ``configs/train.json`` with MONAI Label's overrides: ``bundle_root``,
   ``device``, ``train#trainer#max_epochs``, ``train#dataset#data`` / ``validate#dataset#data`` (labelled items split
-  0.8/0.2) and ``train#handlers`` (the bundle's own list, plus a ``CheckpointLoader`` of the existing
-  ``models/model.pt``, ``strict=False``, when there is one).
+  0.8/0.2), ``train#handlers`` (the bundle's own list, plus a ``CheckpointLoader`` of the existing
+  ``models/model.pt``, ``strict=False``, when there is one) and ``displayable_configs`` (each key the bundle
+  declares there, valued from the request, which holds the declared defaults unless the client changed them).
+
+``tests/test_monai_label_live.py`` runs the real server.
 
 The tests add only what keeps them small and out of the repository: a tiny network, short epochs, and
 ``output_dir``/``ckpt_dir``/``dataset_dir`` in a temporary folder. This module imports nothing from ``bundle`` so
@@ -50,8 +55,6 @@ TINY_NETWORK = {
 # so both configs must agree on it (and on every other network option)
 SMALL_NETWORK = {**TINY_NETWORK, "patch_size": [64, 64]}
 SMALL_TRAINING = {
-    "epoch_length": 2,
-    "batch_size": 2,
     "zoom_range": [0.25, 0.3],
     "cache_rate": 0.0,
     "sw_batch_size": 8,
@@ -91,7 +94,19 @@ def _restored(data: dict, key: str = "pred", ref_image: str = "image") -> tuple[
     return d, resized
 
 
-def monailabel_infer(bundle_path: str, image: str | np.ndarray, device: str = "cpu") -> dict[str, Any]:
+def _written(data: dict, key: str = "pred") -> tuple[np.ndarray, str | None]:
+    """monailabel.transform.writer.Writer + write_itk: the array ITK writes (rows = the file's height), extension."""
+    path = data.get("image_path")
+    ext = data.get("result_extension") or ("".join(Path(path).suffixes) if path else None)
+    array = data[key].array if isinstance(data[key], MetaTensor) else np.asarray(data[key])
+    if array.ndim >= 2:
+        array = array.transpose().copy()
+    return array, ext
+
+
+def monailabel_infer(
+    bundle_path: str, image: str | np.ndarray, device: str = "cpu", request: dict | None = None
+) -> dict[str, Any]:
     """BundleInferTask(path).__call__({"image": image, "device": device}) up to the writer."""
     # BundleInferTask.__init__
     sys.path.insert(0, bundle_path)
@@ -110,6 +125,7 @@ def monailabel_infer(bundle_path: str, image: str | np.ndarray, device: str = "c
 
     # pre_transforms(data) with _update_device
     data = {"image": image, "image_path": image if isinstance(image, str) else None, "device": device}
+    data.update(request or {})
     sys.path.insert(0, bundle_path)
     config.config.update({"device": device})
     if config.ref_resolver.items.get("device"):
@@ -149,7 +165,16 @@ def monailabel_infer(bundle_path: str, image: str | np.ndarray, device: str = "c
     for transform in [t for t in post if not isinstance(t, SaveImaged)]:
         data = transform(data)
     data, resized = _restored(data, key_pred, key_image)
-    return {"pred": data[key_pred], "labels": labels, "keys_match": keys_match, "resized": resized, "dropped": dropped}
+    written, ext = _written(data, key_pred)
+    return {
+        "pred": data[key_pred],
+        "written": written,
+        "ext": ext,
+        "labels": labels,
+        "keys_match": keys_match,
+        "resized": resized,
+        "dropped": dropped,
+    }
 
 
 def monailabel_train(
@@ -194,6 +219,9 @@ def monailabel_train(
         "device": device,
         "train#handlers": train_handlers,
     }
+    if config.get("displayable_configs"):  # the request holds the declared defaults, then the client's values
+        declared = config.get_parsed_content("displayable_configs", instantiate=True)
+        overrides["displayable_configs"] = {key: {**declared, **request}[key] for key in declared}
     if val_ds is not None:
         overrides["validate#dataset#data"] = val_ds
 
@@ -218,7 +246,7 @@ def monailabel_train(
 
 
 @pytest.fixture(scope="module")
-def bundle_copy(tmp_path_factory) -> Path:
+def bundle_copy(tmp_path_factory, glas_dir) -> Path:
     """The bundle as a MONAI Label app holds it (configs + package + models/model.pt of a tiny network).
 
     The configs get a tiny network and small windows written into them, the way a user edits a bundle before
@@ -231,7 +259,7 @@ def bundle_copy(tmp_path_factory) -> Path:
         content = (REPO_ROOT / "configs" / name).read_text()
         if name in ("train.json", "inference.json"):
             config = json.loads(content)
-            config.update(SMALL_NETWORK)
+            config.update(SMALL_NETWORK, min_object_area=0)  # the untrained network's objects are small
             content = json.dumps(config, indent=4)
         (root / "configs" / name).write_text(content)
     (root / "bundle").symlink_to(REPO_ROOT / "bundle")
@@ -239,7 +267,14 @@ def bundle_copy(tmp_path_factory) -> Path:
     parser.read_config(str(root / "configs" / "inference.json"))
     parser["bundle_root"] = str(root)
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    network = parser.get_parsed_content("network_def").eval()
+    # an untrained network calls (almost) everything one class; centre its logits on a real image so that both
+    # classes appear and a flipped or shifted label cannot match the CLI's mask
+    data = parser.get_parsed_content("preprocessing")({"image": str(glas_dir / "images" / "testA_2.png")})
+    with torch.no_grad():
+        logits = parser.get_parsed_content("inferer")(data["image"][None], network)
+        network.segmentation_head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
+    torch.save(network.state_dict(), root / "models" / "model.pt")
     return root
 
 
@@ -260,22 +295,56 @@ def labelled(tmp_path_factory, glas_dir) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_infer_task_on_a_real_glas_image(bundle_copy, glas_dir):
-    path = str(glas_dir / "images" / "testA_2.png")
-    result = monailabel_infer(str(bundle_copy), path)
-    pred = result["pred"]
+def cli_mask(bundle: Path, image: Path, output_dir: Path) -> np.ndarray:
+    """The bundle's own inference command on one image: its ``_mask.png`` as class indices."""
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference.json"),
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=str(bundle),
+        dataset_dir=str(image),
+        output_dir=str(output_dir),
+        progress=False,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return np.asarray(Image.open(output_dir / f"{image.stem}_mask.png")) // 255
+
+
+def test_infer_task_on_a_real_glas_image(bundle_copy, glas_dir, tmp_path):
+    """The label MONAI Label writes has the image's height x width and equals the CLI's mask pixel for pixel."""
+    path = glas_dir / "images" / "testA_2.png"
+    result = monailabel_infer(str(bundle_copy), str(path))
     width, height = Image.open(path).size
-    assert tuple(pred.shape) == (1, height, width)
-    assert not result["resized"]  # the prediction already has the input's (row, column) size
-    assert set(torch.unique(pred).tolist()) <= {0.0, 1.0}
+    assert width != height  # a transposed label could not pass the shape checks below
+    assert tuple(result["pred"].shape) == (width, height)  # MONAI's (x, y) order
+    assert not result["resized"]  # Restored leaves it as it is
+    written = result["written"]
+    assert written.shape == (height, width) and written.dtype == np.uint8 and result["ext"] == ".png"
+    expected = cli_mask(bundle_copy, path, tmp_path / "cli")
+    assert 0.05 < expected.mean() < 0.95  # both classes present: a flipped label would not match either
+    np.testing.assert_array_equal(written, expected)
     assert result["labels"] == {"gland": 1}
     assert result["keys_match"]  # models/model.pt is a plain state dict of network_def
-    assert result["dropped"] == ["SaveSegmentationd"]  # the bundle's writer is a SaveImaged: MONAI Label drops it
+    assert result["dropped"] == ["SaveSegmentationd"]  # the CLI's mask writer, after the label: MONAI Label drops it
 
-    # an image sent as an array (H, W, 3), as MONAI Label's pathology clients do with regions: same prediction
+    # an image sent as an array (H, W, 3), as MONAI Label's pathology clients do with regions: the same label
     array = np.asarray(Image.open(path).convert("RGB"))
     from_array = monailabel_infer(str(bundle_copy), array)
-    assert torch.equal(torch.as_tensor(from_array["pred"]), torch.as_tensor(pred))
+    np.testing.assert_array_equal(np.asarray(from_array["pred"]), np.asarray(result["pred"]))
+
+
+def test_infer_task_keeps_tiff_and_never_writes_a_label_as_jpeg(bundle_copy, glas_dir, tmp_path):
+    image = Image.open(glas_dir / "images" / "testB_3.png").convert("RGB")
+    image.save(tmp_path / "region.tif")
+    image.save(tmp_path / "region.jpg", quality=95)
+    tiff = monailabel_infer(str(bundle_copy), str(tmp_path / "region.tif"))
+    assert tiff["ext"] == ".tif" and tiff["written"].shape == (image.height, image.width)
+    jpeg = monailabel_infer(str(bundle_copy), str(tmp_path / "region.jpg"))
+    assert jpeg["ext"] == ".png" and jpeg["written"].shape == (image.height, image.width)  # lossless
+    asked = monailabel_infer(str(bundle_copy), str(tmp_path / "region.jpg"), request={"result_extension": ".nrrd"})
+    assert asked["ext"] == ".nrrd"  # the client's choice is kept
 
 
 def test_infer_task_needs_nothing_but_the_bundle_path(bundle_copy, glas_dir, tmp_path):
@@ -297,7 +366,7 @@ print(json.dumps({{"shape": list(result["pred"].shape), "resized": result["resiz
     width, height = Image.open(glas_dir / "images" / "testB_3.png").size
     reported = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"shape": reported["shape"], "resized": reported["resized"]} == {
-        "shape": [1, height, width],
+        "shape": [width, height],
         "resized": False,
     }
     assert Path(reported["bundle_file"]).is_relative_to(bundle_copy)  # the copy (it links to these sources)
@@ -328,7 +397,7 @@ def test_train_task_without_a_pool_trains_supervised_and_feeds_the_infer_task(
     (empty unlabelled pool: supervised fallback); the model it writes is served by the infer task."""
     no_datalist = tmp_path / "empty"
     no_datalist.mkdir()
-    request = {"max_epochs": 1, "val_split": 0.2, "device": "cpu"}
+    request = {"max_epochs": 1, "epoch_length": 2, "batch_size": 2, "val_split": 0.2, "device": "cpu"}
     monailabel_train(
         str(bundle_copy),
         labelled,
@@ -338,6 +407,7 @@ def test_train_task_without_a_pool_trains_supervised_and_feeds_the_infer_task(
     )
     log = logged_terms(tmp_path / "runs" / "train.log")
     assert "loss_x" in log and "loss_u" not in log and "val_dice" in log
+    assert "Epoch: 1/1, Iter: 2/2" in log and "Iter: 3/" not in log  # the request's epoch_length reached it
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True, map_location="cpu")
     served = bundle_copy.parent / "served"
     served.mkdir()
@@ -351,21 +421,26 @@ def test_train_task_without_a_pool_trains_supervised_and_feeds_the_infer_task(
 
 def test_train_task_with_a_pool_and_an_existing_model(bundle_copy, labelled, tmp_path, glas_dir):
     """The next trainings: a model exists (MONAI Label inserts a CheckpointLoader, strict=False, that loads the plain
-    state dict) and the bundle's dataset_dir holds an unlabelled pool: semi-supervised training."""
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    unlabeled = [{"image": str(glas_dir / "images" / f"testA_{i}.png")} for i in (10, 11, 12)]
-    (pool / "datalist.json").write_text(json.dumps({"unlabeled": unlabeled}))
+    state dict) and the client sets ``unlabeled_dir`` to a folder of images laid out like MONAI Label's studies
+    folder (its ``labels/`` sub-folder is not part of the pool): semi-supervised training."""
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in (10, 11, 12):
+        (studies / f"testA_{i}.png").symlink_to(glas_dir / "images" / f"testA_{i}.png")
+    (studies / "labels" / "final" / "testA_10.png").symlink_to(glas_dir / "masks" / "testA_10.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     pretrained = torch.load(bundle_copy / "models" / "model.pt", weights_only=True)
     pretrained["segmentation_head.weight"].zero_()
     pretrained["segmentation_head.bias"] = torch.tensor([3.0, -3.0])  # recognisable after two small SGD steps
     torch.save(pretrained, tmp_path / "pretrained.pt")
-    request = {"max_epochs": 1, "val_split": 0.2, "device": "cpu"}
+    request = {"max_epochs": 1, "epoch_length": 3, "batch_size": 2, "val_split": 0.2, "device": "cpu"}
+    request["unlabeled_dir"] = str(studies)
     monailabel_train(
-        str(bundle_copy), labelled, request, str(tmp_path / "pretrained.pt"), training_overrides(tmp_path, pool)
+        str(bundle_copy), labelled, request, str(tmp_path / "pretrained.pt"), training_overrides(tmp_path, empty)
     )
     log = logged_terms(tmp_path / "runs" / "train.log")
-    assert "loss_u" in log and "val_dice" in log
+    assert "loss_u" in log and "val_dice" in log and "Epoch: 1/1, Iter: 3/3" in log
     trained = torch.load(tmp_path / "models" / "model.pt", weights_only=True, map_location="cpu")
     assert torch.allclose(trained["segmentation_head.bias"], torch.tensor([3.0, -3.0]), atol=0.5)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 
-from .datalist import DATALIST_FILENAME, PATH_KEYS, absolute_path, load_datalist, write_datalist
+from .datalist import DATALIST_FILENAME, PATH_KEYS, absolute_path, load_datalist, unlabeled_pool, write_datalist
 
 __all__ = [
     "DATALIST_FILENAME",
     "PATH_KEYS",
     "absolute_path",
     "load_datalist",
+    "unlabeled_pool",
     "readers",
     "sampling",
     "tiff",

@@ -22,6 +22,7 @@ __all__ = [
     "PATH_KEYS",
     "absolute_path",
     "load_datalist",
+    "unlabeled_pool",
     "write_datalist",
 ]
 
@@ -29,6 +30,8 @@ DATALIST_FILENAME = "datalist.json"
 PATH_KEYS = ("image", "label", "instance_label")
 # lists whose items must reference a label
 LABELLED_KEYS = ("training", "validation", "test")
+# images a folder without a datalist contributes to the unlabelled pool (the readers' formats)
+POOL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,28 @@ def load_datalist(
             resolved[name] = path
         resolved_items.append(resolved)
     return resolved_items
+
+
+def unlabeled_pool(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The unlabelled pool in ``folder``: the ``unlabeled`` list of its datalist, or else the images directly in it.
+
+    A folder of images with no ``datalist.json`` (MONAI Label's studies folder, a folder of tiles) is a pool as it
+    is: every PNG/JPEG/BMP/TIFF file directly inside it (not in sub-folders, so MONAI Label's ``labels/`` stay out),
+    sorted by name. A folder that does not exist or holds neither gives an empty pool (training is supervised).
+    """
+    folder = absolute_path(folder)
+    if os.path.isfile(os.path.join(folder, DATALIST_FILENAME)):
+        return load_datalist(folder, "unlabeled", allow_empty=True)
+    if not os.path.isdir(folder):
+        logger.info("unlabelled pool folder %s does not exist: the pool is empty", folder)
+        return []
+    names = sorted(
+        name
+        for name in os.listdir(folder)
+        if name.lower().endswith(POOL_SUFFIXES) and os.path.isfile(os.path.join(folder, name))
+    )
+    logger.info("unlabelled pool: %d images in %s (no %s there)", len(names), folder, DATALIST_FILENAME)
+    return [{"image": os.path.join(folder, name)} for name in names]
 
 
 def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> str:

@@ -5,6 +5,8 @@
 - :mod:`.writers`: ``SaveSegmentationd`` (a ``SaveImaged`` writing masks/probabilities with the input's size)
 - :mod:`.regions`: windows of an image (a TIFF is decoded tile by tile)
 - :mod:`.cleanup`: ``MaskCleanupd`` (objects under ``min_object_area`` removed, holes filled, per class)
+- :mod:`.label_output`: ``LabelOutputd`` (the class map as a uint8 (x, y) label: the end of ``postprocessing``, what
+  MONAI Label saves)
 - :mod:`.scaling`: ``ScaledInferer`` (predicts at the model's ``image_scale``, returns the input's size)
 - :mod:`.large_images`: ``LargeImageSegmenter`` (block-wise sliding-window inference, tiled TIFF output)
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from .checkpoint import CheckpointWeightsLoader, load_network_weights, network_state_dict
 from .cleanup import MaskCleanup, MaskCleanupd, describe_cleanup
 from .inputs import IMAGE_SUFFIXES, filter_by_size, image_size, inference_inputs, is_tiff
+from .label_output import LabelOutputd
 from .large_images import LargeImageSegmenter
 from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
 from .scaling import ScaledInferer, check_image_scale
@@ -23,6 +26,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ArrayRegionReader",
     "CheckpointWeightsLoader",
+    "LabelOutputd",
     "LargeImageSegmenter",
     "MaskCleanup",
     "MaskCleanupd",

@@ -106,6 +106,8 @@ class SegmentationWriter(ImageWriter):
         output_dtype: dtype of the file (integer maps are rounded and clipped).
         scale: multiply the values before the cast (e.g. 255 for a 0/255 binary mask).
         channels: indices of the channels to write (``None``: all); one channel gives an (H, W) file.
+        xy_order: the map is in MONAI's (x, y) axis order (the label :class:`~bundle.inference.LabelOutputd` makes for
+            MONAI Label, ``[W, H]`` with an (x, y) ``spatial_shape``): its two spatial axes are swapped back.
 
     ``set_metadata`` checks that the map's (H, W) equals the input's ``spatial_shape``; ``write`` picks Pillow for
     ``.png`` and tifffile for ``.tif``/``.tiff``.
@@ -116,15 +118,18 @@ class SegmentationWriter(ImageWriter):
         output_dtype: np.dtype | str | None = np.uint8,
         scale: float | None = None,
         channels: Sequence[int] | None = None,
+        xy_order: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(output_dtype=output_dtype, scale=scale, channels=channels, **kwargs)
+        super().__init__(output_dtype=output_dtype, scale=scale, channels=channels, xy_order=xy_order, **kwargs)
 
     def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
         array = convert_data_type(data_array, np.ndarray)[0]
         array = array[None] if channel_dim is None else np.moveaxis(array, channel_dim, 0)
         if array.ndim != 3:
             raise ValueError(f"{type(self).__name__} writes 2D maps [C, H, W], got shape {tuple(array.shape)}")
+        if self.xy_order:
+            array = np.swapaxes(array, 1, 2)
         if self.channels is not None:
             array = array[list(self.channels)]
         array = np.moveaxis(array, 0, -1)
@@ -137,6 +142,7 @@ class SegmentationWriter(ImageWriter):
         if shape is None:
             return
         expected = tuple(int(size) for size in np.asarray(shape).ravel()[-2:])
+        expected = expected[::-1] if self.xy_order else expected
         if expected != tuple(self.data_obj.shape[:2]):
             name = meta_dict.get("filename_or_obj", "the input")
             raise ValueError(f"map of shape {self.data_obj.shape[:2]} does not match {name} of size {expected}")
@@ -195,6 +201,8 @@ class SaveSegmentationd(SaveImaged):
         output_dtype: file dtype (``uint8`` for masks, ``float32``/``float16`` for probabilities).
         scale: multiply the values before the cast (255 writes a binary mask as 0/255).
         channels: channels to write (``None``: all; ``[1]``: the foreground probability of a binary model).
+        xy_order: the key holds a :class:`~bundle.inference.LabelOutputd` label (MONAI's (x, y) order); written in
+            the image's own (row, column) order all the same.
         data_root_dir: keep the inputs' sub-folders below this folder in ``output_dir``.
     """
 
@@ -207,6 +215,7 @@ class SaveSegmentationd(SaveImaged):
         output_dtype: str | np.dtype = "uint8",
         scale: float | None = None,
         channels: Sequence[int] | None = None,
+        xy_order: bool = False,
         data_root_dir: str | os.PathLike = "",
         print_log: bool = False,
         allow_missing_keys: bool = False,
@@ -230,7 +239,7 @@ class SaveSegmentationd(SaveImaged):
             folder_layout=layout,
             allow_missing_keys=allow_missing_keys,
         )
-        self.saver.set_options(init_kwargs={"output_dtype": dtype, "channels": channels})
+        self.saver.set_options(init_kwargs={"output_dtype": dtype, "channels": channels, "xy_order": xy_order})
         self.layout = layout
 
 
