@@ -1,0 +1,190 @@
+"""Checks of the options a user passes, run by the configs' ``initialize`` before any work starts.
+
+``python -m monai.bundle run`` accepts any ``--id value``: an id that no config defines is added silently and
+changes nothing (``--max_epoch 1`` trains the default schedule), and a value of the wrong kind fails deep inside
+PyTorch with a traceback, or not at all (``--resume false`` reaches the config as the text "false", which is true).
+:func:`check_overrides` refuses ids that the merged configs do not define, naming the closest one;
+:func:`check_values` checks counts, rates, switches, the device and the class lists. Both raise
+:class:`~bundle.errors.BundleInputError`, which the configs' hook prints as one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+import numbers
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from .errors import BundleInputError
+
+__all__ = ["RUN_ARGUMENTS", "check_overrides", "check_values", "command_line_overrides"]
+
+# the arguments of ``monai.bundle run`` itself (and of the workflow it creates): not config ids
+RUN_ARGUMENTS = frozenset(
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "workflow_type",
+        "workflow_name",
+        "properties_path",
+    }
+)
+
+
+def command_line_overrides(argv: Sequence[str]) -> tuple[list[str], Any] | None:
+    """(the ``--id`` names, the ``--config_file`` value) of a ``python -m monai.bundle`` command line, else None."""
+    if not argv or not os.path.normpath(argv[0]).endswith(os.path.join("monai", "bundle", "__main__.py")):
+        return None
+    names, config_file = [], None
+    for index, token in enumerate(argv[1:], start=1):
+        if not token.startswith("--") or len(token) == 2:
+            continue
+        name, equals, value = token[2:].partition("=")
+        names.append(name)
+        if name == "config_file":
+            config_file = value if equals else (argv[index + 1] if index + 1 < len(argv) else None)
+    return names, config_file
+
+
+def _config_files(value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return [value]
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _ids(config: Any, prefix: str = "") -> Iterator[str]:
+    """Every id of a config, nested ids joined with ``#``."""
+    items = config.items() if isinstance(config, Mapping) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        yield name
+        yield from _ids(value, f"{name}#")
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Refuse ``--id value`` overrides whose id no merged config defines (MONAI's own arguments are allowed).
+
+    Only a ``python -m monai.bundle`` command line is checked (``sys.argv`` by default); workflows created in
+    Python (tests, MONAI Label) pass their overrides as they mean them.
+    """
+    from monai.bundle import ConfigParser
+
+    found = command_line_overrides(sys.argv if argv is None else argv)
+    if found is None or found[1] is None:
+        return
+    names, config_file = found
+    files = _config_files(config_file)
+    parser = ConfigParser()
+    parser.read_config(files)
+    known = None
+    for name in names:
+        if name in RUN_ARGUMENTS or name.replace("-", "_") in RUN_ARGUMENTS or name in parser:
+            continue
+        known = known or sorted(set(_ids(parser.get())))
+        close = difflib.get_close_matches(name.replace("::", "#"), known, n=1, cutoff=0.6)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        shown = ", ".join(os.path.basename(f) for f in files)
+        raise BundleInputError(f"--{name} is not an option of {shown}{hint}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+SWITCH = "True or False"
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if ok:
+        return
+    hint = " (on the command line write True or False: 'false' arrives as text)" if allowed == SWITCH else ""
+    raise BundleInputError(f"--{name} must be {allowed}, got {value!r}{hint if isinstance(value, str) else ''}")
+
+
+def check_values(
+    counts: Mapping[str, Any] | None = None,
+    non_negative_counts: Mapping[str, Any] | None = None,
+    rates: Mapping[str, Any] | None = None,
+    non_negative: Mapping[str, Any] | None = None,
+    fractions: Mapping[str, Any] | None = None,
+    switches: Mapping[str, Any] | None = None,
+    sizes: Mapping[str, Any] | None = None,
+    device: Any = None,
+    num_classes: Any = None,
+    class_lists: Mapping[str, Any] | None = None,
+) -> None:
+    """Check option values by kind; the first wrong one raises :class:`BundleInputError` naming it.
+
+    Args:
+        counts: whole numbers >= 1 (batch sizes, epochs, iterations, intervals).
+        non_negative_counts: whole numbers >= 0 (workers, warm-up iterations, seeds).
+        rates: finite numbers > 0 (learning rates, scales).
+        non_negative: finite numbers >= 0 (weight decay, loss weights).
+        fractions: finite numbers in [0, 1] (probabilities, cache rate).
+        switches: True or False.
+        sizes: lists of whole numbers >= 1 (crop and window sizes).
+        device: a torch device this machine has (``cuda`` needs a GPU, ``cuda:N`` that many).
+        num_classes: whole number >= 2, and the length of every list in ``class_lists``.
+    """
+    for name, value in (counts or {}).items():
+        _check(name, value, _whole(value) and value >= 1, "a whole number >= 1")
+    for name, value in (non_negative_counts or {}).items():
+        _check(name, value, _whole(value) and value >= 0, "a whole number >= 0")
+    for name, value in (rates or {}).items():
+        _check(name, value, _real(value) and value > 0, "a number > 0")
+    for name, value in (non_negative or {}).items():
+        _check(name, value, _real(value) and value >= 0, "a number >= 0")
+    for name, value in (fractions or {}).items():
+        _check(name, value, _real(value) and 0 <= value <= 1, "a number from 0 to 1")
+    for name, value in (switches or {}).items():
+        _check(name, value, isinstance(value, bool), SWITCH)
+    for name, value in (sizes or {}).items():
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_whole(v) and v >= 1 for v in value)
+        _check(name, value, ok, "a list of whole numbers >= 1, e.g. [256,256]")
+    if device is not None:
+        check_device(device)
+    if num_classes is not None:
+        _check("num_classes", num_classes, _whole(num_classes) and num_classes >= 2, "a whole number >= 2")
+        for name, names in (class_lists or {}).items():
+            if isinstance(names, (list, tuple)) and len(names) != num_classes:
+                raise BundleInputError(
+                    f"--{name} has {len(names)} entries but --num_classes is {num_classes}: give one per class "
+                    "(background first)"
+                )
+
+
+def check_device(device: Any) -> None:
+    """A device this machine has: ``cpu``, or ``cuda``/``cuda:N`` with a GPU (N below the GPU count)."""
+    import torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise BundleInputError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BundleInputError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise BundleInputError(
+                f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BundleInputError(f"--device must be cpu, cuda or cuda:N, got {str(device)!r}")
