@@ -410,20 +410,23 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
         f"({'; '.join(cleanup)}). Every run: validation every {args.val_every} iterations, seeds "
         f"{', '.join(map(str, seeds))}; {configs}" + (f" with `{options}`." if options else " (their defaults)."),
         "Scores: mean ± sample standard deviation over seeds (min and max in results.csv); mDice and gland Dice are "
-        "per-image means, pooled ones pool every pixel of the test set (the UniMatch-family convention). Wall time: "
-        "one training run (start-up and validations included); s / it: median seconds per training iteration.",
+        "per-image means, pooled ones pool every pixel of the test set (the UniMatch-family convention). Wall and CPU "
+        "time: one training run (start-up and validations included; CPU time is the process's, all threads, and "
+        "is less changed than wall time by other work on the machine); s / it: median seconds per training "
+        "iteration.",
         "",
         "| split | preset | seeds | iterations | "
         + " | ".join(TABLE_METRICS.values())
-        + " | wall time / run | s / it |",
-        "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|",
+        + " | wall time / run | CPU time / run | s / it |",
+        "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|",
     ]
     for row in rows:
         scores = [f"{row[key]['mean']:.4f} ± {row[key]['std']:.4f}" for key in TABLE_METRICS]
         lines.append(
             f"| {row['split']} % | {row['preset']} | {len(row['seeds'])} | {row['iterations']} | "
             + " | ".join(scores)
-            + f" | {row['train_wall_s'] / 60:.1f} min | {row['s_per_iteration']:.3f} |"
+            + f" | {row['train_wall_s'] / 60:.1f} min | {row['train_cpu_s'] / 60:.1f} min"
+            + f" | {row['s_per_iteration']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -103,7 +103,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def inference_workflow(dataset_dir, output_dir, checkpoint, **overrides) -> ConfigWorkflow:
+def inference_workflow(dataset_dir, output_dir, checkpoint, initialize: bool = True, **overrides) -> ConfigWorkflow:
     settings = {
         "bundle_root": str(REPO_ROOT),
         "dataset_dir": str(dataset_dir),
@@ -118,7 +118,8 @@ def inference_workflow(dataset_dir, output_dir, checkpoint, **overrides) -> Conf
         **overrides,
     }
     workflow = ConfigWorkflow(config_file=INFERENCE_JSON, workflow_type="infer", logging_file=False, **settings)
-    workflow.initialize()
+    if initialize:
+        workflow.initialize()
     return workflow
 
 
@@ -370,12 +371,13 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, inputs, red_checkpoint
     else:
         overrides["output_ext"] = ".jpg"
         expected = "output_ext must be one of .png, .tif, .tiff or null (PNG, TIFF for TIFF inputs), got '.jpg'"
-    workflow = inference_workflow(data, tmp_path / "out", checkpoint, **overrides)
+    workflow = inference_workflow(data, tmp_path / "out", checkpoint, initialize=False, **overrides)
     logged = RecordedLogs()
     stats_logger = logging.getLogger("monai.handlers.StatsHandler")
     stats_logger.addHandler(logged)
     try:
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(Exception) as caught:  # options and inputs in initialize, files while running
+            workflow.initialize()
             workflow.run()
     finally:
         stats_logger.removeHandler(logged)
@@ -532,3 +534,30 @@ def test_label_output_is_the_class_map_in_monai_xy_order():
         LabelOutputd(keys="pred")({"pred": torch.full((1, 2, 2), 0.5)})
     with pytest.raises(ValueError, match=r"\[1, H, W\]"):
         LabelOutputd(keys="pred")({"pred": torch.zeros(2, 2, 2)})
+
+
+def test_existing_outputs_are_never_replaced_without_overwrite(tmp_path, inputs, red_checkpoint):
+    """A ground-truth ``<name>_mask.png`` next to its image (or a previous run's mask) stops the run before any work;
+    ``--overwrite True`` replaces it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").symlink_to(inputs / "odd.png")
+    (data / "b.png").symlink_to(inputs / "odd.png")
+    truth = np.zeros((4, 4), np.uint8)
+    Image.fromarray(truth).save(data / "a_mask.png")
+    before = (data / "a_mask.png").read_bytes()
+    with pytest.raises(Exception) as caught:
+        inference_workflow(data, data, red_checkpoint, network_def=RED_NETWORK).run()
+    error = find_input_error(caught.value)
+    assert str(error) == (
+        f"{data / 'a_mask.png'} exists already; this run would replace it: choose another --output_dir or pass "
+        "--overwrite True"
+    )
+    assert (data / "a_mask.png").read_bytes() == before and not (data / "b_mask.png").exists()  # nothing written
+
+    workflow = inference_workflow(data, data, red_checkpoint, network_def=RED_NETWORK, overwrite=True)
+    workflow.run()
+    assert np.asarray(Image.open(data / "a_mask.png")).shape == np.asarray(Image.open(inputs / "odd.png")).shape[:2]
+    with pytest.raises(Exception) as caught:  # a second run into the same folder: two masks there now
+        inference_workflow(data, data, red_checkpoint, network_def=RED_NETWORK, save_probabilities=True).run()
+    assert str(find_input_error(caught.value)).startswith(f"{data / 'a_mask.png'} (and 1 more) exists already")

@@ -20,7 +20,14 @@ from .label_output import LabelOutputd
 from .large_images import LargeImageSegmenter
 from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
 from .scaling import ScaledInferer, check_image_scale
-from .writers import OutputFolderLayout, SaveSegmentationd, SegmentationWriter, TiledTiffWriter, write_map
+from .writers import (
+    OutputFolderLayout,
+    SaveSegmentationd,
+    SegmentationWriter,
+    TiledTiffWriter,
+    check_output_files,
+    write_map,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -38,6 +45,7 @@ __all__ = [
     "TiledTiffWriter",
     "filter_by_size",
     "check_image_scale",
+    "check_output_files",
     "describe_cleanup",
     "image_size",
     "inference_inputs",

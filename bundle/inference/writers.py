@@ -40,6 +40,7 @@ __all__ = [
     "SegmentationWriter",
     "TiledTiffWriter",
     "check_output_ext",
+    "check_output_files",
     "to_output_dtype",
     "write_map",
 ]
@@ -188,6 +189,34 @@ class OutputFolderLayout(FolderLayout):
         for key, value in kwargs.items():
             base += f"_{key}-{value}"
         return base + self.extension_for(subject)
+
+
+def check_output_files(
+    items: Sequence[dict],
+    output_dir: str | os.PathLike,
+    output_ext: str | None = None,
+    data_root_dir: str | os.PathLike = "",
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+) -> list[str]:
+    """The files this inference run will write; refuse to start when one exists already, unless ``overwrite``.
+
+    A mask or probability map already in ``output_dir`` (a ground-truth ``<name>_mask.png`` next to its image, a
+    previous run's result) is never replaced silently: the run stops before any work with one line naming the first
+    such file and how many there are. ``--overwrite True`` replaces them.
+    """
+    layouts = [OutputFolderLayout(output_dir, "mask", output_ext, data_root_dir, makedirs=False)]
+    if save_probabilities:
+        layouts.append(OutputFolderLayout(output_dir, "prob", ".tif", data_root_dir, makedirs=False))
+    paths = [layout.filename(subject=item["image"]) for item in items for layout in layouts]
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise BundleInputError(
+            f"{existing[0]}{more} exists already; this run would replace it: choose another --output_dir or pass "
+            "--overwrite True"
+        )
+    return paths
 
 
 class SaveSegmentationd(SaveImaged):
