@@ -299,3 +299,20 @@ def test_same_kpi_patch_in_two_splits_is_named(tmp_path):
         f"patch DN_11_363_0_0 of slide 11_363 is in two splits: {source / 'train/DN/11_363/img/DN_11_363_0_0_img.jpg'} "
         f"and {source / 'validation/DN/11_363/img/DN_11_363_0_0_img.jpg'}; keep only one"
     )
+
+
+@pytest.mark.parametrize("inside", ["images", "masks", "images/prepared"])
+def test_output_inside_a_source_folder_is_refused(tmp_path, capsys, inside):
+    """Even a datalist-only preparer never writes into a source folder (nor the folder itself)."""
+    source = write_folders(tmp_path / "source", labelled=4, unlabelled=1)
+    before = snapshot(source)
+    output = source / inside
+    args = ["folders", "--images", source / "images", "--masks", source / "masks", "--output", output]
+    code, out, err = run_cli(capsys, *args)
+    folder = "images" if inside.startswith("images") else "masks"
+    assert (code, out) == (2, "")
+    assert err == (
+        f"error: output {output} overlaps the input source {source / folder}; choose an output folder outside the "
+        "source (files are written there and the source is never modified)\n"
+    )
+    assert snapshot(source) == before

@@ -413,16 +413,19 @@ def test_mask_of_an_unlabelled_image_is_needed_only_when_it_is_labelled(tmp_path
         build_glas_datalist(source, 100)
 
 
-def test_output_inside_the_source_never_overwrites_a_source_file(tmp_path, capsys):
+def test_output_inside_the_source_is_refused(tmp_path, capsys):
+    """Nothing is ever written into the source, not even a new datalist next to the data."""
     source = _write_png_copy(tmp_path / "src")
-    args = ["glas", "--source", str(source), "--output", str(source), "--split", "10"]
-    code, _, err = _run(capsys, *args)
-    assert code == 0, err  # writing a new file next to the data is allowed
-    before = (source / "datalist.json").read_bytes()
-    code, _, err = _run(capsys, *args, "--force")
-    assert code == 2
-    assert err == f"error: refusing to overwrite {source / 'datalist.json'}: it is a file of the GlaS source {source}\n"
-    assert (source / "datalist.json").read_bytes() == before
+    for output in (source, source / "masks"):
+        code, _, err = _run(
+            capsys, "glas", "--source", str(source), "--output", str(output), "--split", "10", "--force"
+        )
+        assert code == 2
+        assert err == (
+            f"error: output {output} overlaps the GlaS source {source}; choose an output folder outside the source "
+            "(files are written there and the source is never modified)\n"
+        )
+        assert not (output / "datalist.json").exists() and not (output / "dataset.json").exists()
 
 
 def test_output_that_is_a_file_is_refused(tmp_path, capsys):

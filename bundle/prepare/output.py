@@ -1,7 +1,7 @@
 """The output folder of a dataset preparer: checks before anything is read, and files written only at the end.
 
 :func:`check_output` refuses an output that is a file, an existing datalist or ``dataset.json`` without ``--force``,
-overwriting a file of a source, and (for preparers that write images or masks) an output inside a source or a source
+overwriting a file of a source, an output inside a source, and (for preparers that write images or masks) a source
 inside the output. :class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to
 their destination and moves them into place only when the whole preparation succeeded, so a failed run leaves the output
 as it was. The datalist is written last (atomically), so a folder with a datalist always holds all its files.
@@ -53,8 +53,8 @@ def check_output(
     """Check that ``output/datalist.json`` and ``output/dataset.json`` may be written; return the absolute output
     folder.
 
-    ``label`` names the dataset in messages ("GlaS source ..."). With ``writes_files`` (tiles, masks) the output
-    must not overlap any source.
+    ``label`` names the dataset in messages ("GlaS source ..."). The output is never inside a source (nothing is
+    written into a source); with ``writes_files`` (tiles, masks) no source may be inside the output either.
     """
     output = absolute_path(output)
     targets = [os.path.join(output, name) for name in (DATALIST_FILENAME, DATASET_FILENAME)]
@@ -64,7 +64,7 @@ def check_output(
         if os.path.isdir(target):
             raise BundleInputError(f"{target} is a folder; cannot write the {os.path.basename(target)} there")
     for source in sources:
-        if writes_files and (is_inside(output, source) or is_inside(source, output)):
+        if is_inside(output, source) or (writes_files and is_inside(source, output)):
             raise BundleInputError(
                 f"output {output} overlaps the {label} source {source}; choose an output folder outside the source "
                 "(files are written there and the source is never modified)"
