@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import BundleInputError
 
-__all__ = ["RUN_ARGUMENTS", "check_overrides", "check_values", "command_line_overrides"]
+__all__ = ["RUN_ARGUMENTS", "as_switch", "check_overrides", "check_values", "command_line_overrides"]
 
 # the arguments of ``monai.bundle run`` itself (and of the workflow it creates): not config ids
 RUN_ARGUMENTS = frozenset(
@@ -118,6 +118,14 @@ def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
     raise BundleInputError(f"--{name} must be {allowed}, got {value!r}{hint if isinstance(value, str) else ''}")
 
 
+TEXT_SWITCHES = {"true": True, "false": False}
+
+
+def as_switch(value: Any) -> Any:
+    """A switch given as text on the command line (``--resume true``/``false``) as a bool; other values unchanged."""
+    return TEXT_SWITCHES.get(value.lower(), value) if isinstance(value, str) else value
+
+
 def check_values(
     counts: Mapping[str, Any] | None = None,
     non_negative_counts: Mapping[str, Any] | None = None,
@@ -125,6 +133,7 @@ def check_values(
     non_negative: Mapping[str, Any] | None = None,
     fractions: Mapping[str, Any] | None = None,
     switches: Mapping[str, Any] | None = None,
+    text_switches: Mapping[str, Any] | None = None,
     sizes: Mapping[str, Any] | None = None,
     device: Any = None,
     num_classes: Any = None,
@@ -139,6 +148,8 @@ def check_values(
         non_negative: finite numbers >= 0 (weight decay, loss weights).
         fractions: finite numbers in [0, 1] (probabilities, cache rate).
         switches: True or False.
+        text_switches: True or False, or the text "true"/"false" (switches the config reads through
+            :func:`as_switch`, such as ``resume``, documented as ``--resume true``).
         sizes: lists of whole numbers >= 1 (crop and window sizes).
         device: a torch device this machine has (``cuda`` needs a GPU, ``cuda:N`` that many).
         num_classes: whole number >= 2, and the length of every list in ``class_lists``.
@@ -155,6 +166,8 @@ def check_values(
         _check(name, value, _real(value) and 0 <= value <= 1, "a number from 0 to 1")
     for name, value in (switches or {}).items():
         _check(name, value, isinstance(value, bool), SWITCH)
+    for name, value in (text_switches or {}).items():
+        _check(name, value, isinstance(as_switch(value), bool), SWITCH)
     for name, value in (sizes or {}).items():
         ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_whole(v) and v >= 1 for v in value)
         _check(name, value, ok, "a list of whole numbers >= 1, e.g. [256,256]")

@@ -56,10 +56,17 @@ def test_unknown_override_ids_are_refused_with_the_closest_id():
         ("fractions", "cache_rate", 1.5, "--cache_rate must be a number from 0 to 1, got 1.5"),
         (
             "switches",
-            "resume",
+            "amp",
             "false",
-            "--resume must be True or False, got 'false' (on the command line write True or False: 'false' arrives "
+            "--amp must be True or False, got 'false' (on the command line write True or False: 'false' arrives "
             "as text)",
+        ),
+        (
+            "text_switches",
+            "resume",
+            "yes",
+            "--resume must be True or False, got 'yes' (on the command line write "
+            "True or False: 'false' arrives as text)",
         ),
         (
             "sizes",
@@ -73,6 +80,15 @@ def test_each_kind_of_value_is_checked(kind, name, value, message):
     with pytest.raises(BundleInputError) as error:
         check_values(**{kind: {name: value}})
     assert str(error.value) == message
+
+
+def test_resume_reads_true_and_false_as_text():
+    """``--resume true`` / ``--resume false`` (as the docs write them) mean what they say."""
+    from bundle.options import as_switch
+
+    assert [as_switch(v) for v in ("true", "False", "FALSE", True, False)] == [True, False, False, True, False]
+    check_values(text_switches={"resume": "false"})
+    check_values(text_switches={"resume": True})
 
 
 def test_good_values_pass_and_class_lists_must_match_num_classes():
