@@ -96,3 +96,25 @@ def boundary(label: torch.Tensor, width: int = 1) -> torch.Tensor:
     high = F.max_pool2d(x, size, stride=1, padding=width)
     low = -F.max_pool2d(-x, size, stride=1, padding=width)
     return (high != low)[0, 0]
+
+
+def cli_mask(bundle_root: Path, image: Path, output_dir: Path, **overrides):
+    """The bundle's own inference command (``bundle_root/configs/inference.json``) on one image: its mask as class
+    indices."""
+    import numpy as np
+    from PIL import Image
+
+    workflow = ConfigWorkflow(
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=str(bundle_root),
+        dataset_dir=str(image),
+        output_dir=str(output_dir),
+        progress=False,
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return np.asarray(Image.open(output_dir / f"{image.stem}_mask.png")) // 255

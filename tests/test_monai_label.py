@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, run_python
+from helpers import REPO_ROOT, cli_mask, run_python
 from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 from monai.data import MetaTensor, partition_dataset
@@ -293,23 +293,6 @@ def labelled(tmp_path_factory, glas_dir) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # inference
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def cli_mask(bundle: Path, image: Path, output_dir: Path) -> np.ndarray:
-    """The bundle's own inference command on one image: its ``_mask.png`` as class indices."""
-    workflow = ConfigWorkflow(
-        config_file=str(bundle / "configs" / "inference.json"),
-        workflow_type="infer",
-        logging_file=False,
-        bundle_root=str(bundle),
-        dataset_dir=str(image),
-        output_dir=str(output_dir),
-        progress=False,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    return np.asarray(Image.open(output_dir / f"{image.stem}_mask.png")) // 255
 
 
 def test_infer_task_on_a_real_glas_image(bundle_copy, glas_dir, tmp_path):

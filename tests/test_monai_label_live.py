@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, config_files, make_workflow
-from monai.bundle import ConfigWorkflow
+from helpers import REPO_ROOT, cli_mask, config_files, make_workflow
 from PIL import Image
 
 from bundle.prepare.cli import main as prepare_main
@@ -176,24 +175,6 @@ def trained_model(tmp_path_factory, glas_dir) -> Path:
     return folder / "models" / "model.pt"
 
 
-def cli_mask(model: Path, image: Path, output_dir: Path) -> np.ndarray:
-    """The bundle's own inference command with the same model: its mask as class indices."""
-    workflow = ConfigWorkflow(
-        config_file=str(REPO_ROOT / "configs" / "inference.json"),
-        workflow_type="infer",
-        logging_file=False,
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(image),
-        output_dir=str(output_dir),
-        ckpt_path=str(model),
-        progress=False,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    return np.asarray(Image.open(output_dir / f"{image.stem}_mask.png")) // 255
-
-
 def test_live_server_segments_stores_labels_and_trains(tmp_path, glas_dir, trained_model, capsys):
     env = monailabel_env()
     apps = tmp_path / "apps"
@@ -232,7 +213,9 @@ def test_live_server_segments_stores_labels_and_trains(tmp_path, glas_dir, train
                 dice(np.roll(label, 40, 1) > 0, truth),
             )
             assert scores[name][0] >= MIN_DICE, f"{name}: Dice {scores[name][0]:.3f}"
-            expected = cli_mask(trained_model, glas_dir / "images" / f"{name}.png", tmp_path / "cli")
+            expected = cli_mask(
+                REPO_ROOT, glas_dir / "images" / f"{name}.png", tmp_path / "cli", ckpt_path=str(trained_model)
+            )
             np.testing.assert_array_equal(label, expected)  # the same mask as the bundle's own command
             first[name] = label
 
