@@ -29,7 +29,10 @@ The experiment resumes: a run whose ``eval/metrics.json`` exists is not redone (
 only evaluated), so a killed experiment continues where it stopped when the same command is run again, and more
 presets, seeds or splits can be added to the same ``--output`` later by other commands: the results files always
 summarise every finished run in ``--output``, whichever command trained it. A run that was killed during training
-starts again from scratch, so every recorded wall time is one uninterrupted training.
+starts again from scratch, so every recorded wall time is one uninterrupted training. A results folder copied
+elsewhere without its run folders (``results.*``, ``runs.csv``, ``curves_*``, ``settings.json``, as committed under
+docs/ablation/) continues with ``--earlier FOLDER``: its recorded runs join the summary and are not redone
+(``curves_runs.csv`` keeps every run's curves; the mean curves are kept for runs recorded before it existed).
 
 CPU default (``python benchmarks/ablation.py --glas /path/to/glas --output runs/ablation``): the defaults of
 ``configs/train.json`` (the CPU recipe: ``image_scale`` 0.5, the 0.9 M-parameter network, AdamW), 600 iterations
@@ -91,6 +94,7 @@ TIMINGS = ("train_wall_s", "train_cpu_s", "s_per_iteration", "eval_wall_s", "eva
 SETTINGS_FILE = "settings.json"
 TRAIN_RECORD = "train_time.json"
 EVAL_RECORD = "eval_time.json"
+RUN_CURVES = "curves_runs.csv"  # every run's validation Dice and loss_x, so a copied results folder keeps them
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -121,6 +125,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="the paper's setting (configs/uni.json), for a GPU")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ folder")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--earlier",
+        help="results folder of earlier runs of the same settings whose run folders are gone (e.g. docs/ablation): "
+        "its runs.csv joins the summary and those runs are not redone",
+    )
     args = parser.parse_args(argv)
     for key, value in (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
@@ -135,6 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.output = Path(args.output).resolve()
     args.data_dir = Path(args.data_dir).resolve()
     args.glas = Path(args.glas).resolve()
+    args.earlier = Path(args.earlier).resolve() if args.earlier else None
     return args
 
 
@@ -447,6 +457,14 @@ def write_results(rows: list[dict], records: list[dict], args: argparse.Namespac
     for run in per_run:
         del run["curves"]
     write_csv(args.output / "runs.csv", per_run)
+    curve_rows = [
+        {"split": r["split"], "preset": r["preset"], "seed": r["seed"], "curve": name, "iteration": step, "value": v}
+        for r in records
+        for name, curve in r["curves"].items()
+        for step, v in sorted(curve.items())
+    ]
+    if curve_rows:
+        write_csv(args.output / RUN_CURVES, curve_rows)
     summary = {"settings": experiment_settings(args), "summary": rows, "runs": records}
     (args.output / "results.json").write_text(json.dumps(summary, indent=4, default=str))
     return table
@@ -476,19 +494,29 @@ def moving_average(values: list[float], width: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - width) : i + 1]) for i in range(len(values))]
 
 
-def write_curves(records: list[dict], split: int, output: Path, validation_images: int | None) -> Path | None:
-    """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None."""
+def write_curves(
+    records: list[dict], split: int, output: Path, validation_images: int | None, earlier: dict | None = None
+) -> Path | None:
+    """``curves_<split>.csv`` and, with matplotlib, ``curves_<split>.png``; returns the PNG path or None.
+
+    A preset's curve is the mean over its runs whose curves are recorded; where none are (earlier runs known only
+    from a results folder without per-run curves), the earlier folder's mean curve is kept.
+    """
     series = {}
     for preset in ALL_PRESETS:
-        runs = [r for r in records if r["split"] == split and r["preset"] == preset]
+        runs = [r for r in records if r["split"] == split and r["preset"] == preset and r["curves"].get("loss_x")]
         if runs:
             series[preset] = {name: mean_curve([r["curves"][name] for r in runs]) for name in ("val_dice", "loss_x")}
+        elif earlier and (split, preset) in earlier:
+            series[preset] = earlier[(split, preset)]
     rows = [
         {"preset": preset, "curve": name, "iteration": step, "mean_over_seeds": value}
         for preset, curves in series.items()
         for name, (steps, values) in curves.items()
         for step, value in zip(steps, values)
     ]
+    if not rows:
+        return None
     write_csv(output / f"curves_{split}.csv", rows)
     try:
         import matplotlib
@@ -518,6 +546,59 @@ def write_curves(records: list[dict], split: int, output: Path, validation_image
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- earlier runs
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def as_value(text: str) -> Any:
+    """A CSV cell back as int, float or text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def earlier_runs(args: argparse.Namespace) -> dict[tuple[int, int, str], dict]:
+    """(split, seed, preset) -> record of each run in ``--earlier``'s runs.csv, with its curves where recorded."""
+    if args.earlier is None:
+        return {}
+    folder = args.earlier
+    stored = read_json(folder / SETTINGS_FILE)
+    if stored is None or not (folder / "runs.csv").is_file():
+        raise SystemExit(f"error: --earlier {folder}: not a results folder (needs runs.csv and {SETTINGS_FILE})")
+    if stored != json.loads(json.dumps(experiment_settings(args))):
+        changed = sorted(key for key in stored if stored.get(key) != experiment_settings(args).get(key))
+        raise SystemExit(f"error: --earlier {folder} holds runs with other settings ({', '.join(changed)})")
+    curves: dict[tuple[int, int, str], dict] = {}
+    for row in read_csv(folder / RUN_CURVES):
+        run = curves.setdefault((int(row["split"]), int(row["seed"]), row["preset"]), {"val_dice": {}, "loss_x": {}})
+        run[row["curve"]][int(row["iteration"])] = float(row["value"])
+    records = {}
+    for row in read_csv(folder / "runs.csv"):
+        record = {key: as_value(value) for key, value in row.items()}
+        key = (record["split"], record["seed"], record["preset"])
+        record["curves"] = curves.get(key, {"val_dice": {}, "loss_x": {}})
+        records[key] = record
+    return records
+
+
+def earlier_mean_curves(args: argparse.Namespace) -> dict[tuple[int, str], dict]:
+    """(split, preset) -> {curve: (iterations, means)} from ``--earlier``'s curves_<split>.csv."""
+    series: dict[tuple[int, str], dict] = {}
+    for split in SPLITS if args.earlier else ():
+        for row in read_csv(args.earlier / f"curves_{split}.csv"):
+            curve = series.setdefault((split, row["preset"]), {"val_dice": ([], []), "loss_x": ([], [])})[row["curve"]]
+            curve[0].append(int(row["iteration"]))
+            curve[1].append(float(row["mean_over_seeds"]))
+    return series
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -550,15 +631,25 @@ def main(argv: list[str] | None = None) -> dict:
         return {"commands": commands}
 
     start = time.perf_counter()
-    earlier = [run for run in finished_runs(args) if run not in plan]  # trained by other commands in this folder
+    found = finished_runs(args)
+    recorded = {key: run for key, run in earlier_runs(args).items() if key not in found}  # a run folder wins
+    earlier = [run for run in found if run not in plan]  # trained by other commands in this folder
     records = [run_one(args, preset, split, seed, None, "[earlier]") for split, seed, preset in earlier]
+    records += [run for key, run in recorded.items() if key not in plan]
     for index, (split, seed, preset) in enumerate(plan, start=1):
-        records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
+        if (split, seed, preset) in recorded:
+            print(f"[{index}/{len(plan)}] {preset} split {split} % seed {seed}: in {args.earlier}, skipped", flush=True)
+            records.append(recorded[(split, seed, preset)])
+        else:
+            records.append(run_one(args, preset, split, seed, folders[split], f"[{index}/{len(plan)}]"))
         records.sort(key=lambda r: (r["split"], r["seed"], ALL_PRESETS.index(r["preset"])))
         rows = summarise(records)
         table = write_results(rows, records, args)  # after every run: a stopped experiment loses nothing
     splits = sorted({record["split"] for record in records})
-    plots = [write_curves(records, split, args.output, validation_images(args, split)) for split in splits]
+    earlier_curves = earlier_mean_curves(args)
+    plots = [
+        write_curves(records, split, args.output, validation_images(args, split), earlier_curves) for split in splits
+    ]
     print(table, end="")
     print(f"experiment: {len(plan)} runs in {(time.perf_counter() - start) / 60:.1f} min; results in {args.output}")
     return {"summary": rows, "runs": records, "table": table, "plots": [str(p) for p in plots if p is not None]}

@@ -94,6 +94,32 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     with pytest.raises(SystemExit, match="other settings"):
         ablation.main(changed)
 
+    # results copied elsewhere (run folders gone) join a new experiment: recorded runs are not redone
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name in ("runs.csv", "settings.json", "curves_runs.csv", "curves_10.csv"):
+        (copied / name).write_bytes((output / name).read_bytes())
+    with open(copied / "curves_runs.csv", newline="") as handle:
+        recorded_curves = list(csv.DictReader(handle))
+    assert len(recorded_curves) == sum(len(run["curves"]["val_dice"]) + run["iterations"] for run in result["runs"])
+    (copied / "curves_runs.csv").unlink()  # as in a folder from before per-run curves: its mean curves are kept
+    joined = argv[:] + ["--earlier", str(copied)]
+    joined[joined.index("--output") + 1] = str(tmp_path / "joined")
+    joined[joined.index("--presets") + 1 : joined.index("--seeds")] = ["mpamatch"]
+    del joined[joined.index("--equal-time-iterations") : joined.index("--equal-time-iterations") + 2]
+    merged = ablation.main(joined)
+    printed = capsys.readouterr().out
+    assert f"mpamatch split 10 % seed 0: in {copied}, skipped" in printed and "iterations\n" not in printed
+    assert [row["preset"] for row in merged["summary"]] == ["supervised", "mpamatch", "supervised_equal_time"]
+    assert [row["mdice"]["mean"] for row in merged["summary"]] == pytest.approx(
+        [row["mdice"]["mean"] for row in again["summary"]], abs=1e-6
+    )
+    assert (tmp_path / "joined" / "curves_10.csv").read_text() == (copied / "curves_10.csv").read_text()
+    assert not (tmp_path / "joined" / "runs").exists()  # nothing trained or evaluated
+    (copied / "settings.json").write_text(json.dumps({"iterations": 8}))
+    with pytest.raises(SystemExit, match="other settings"):
+        ablation.main(joined)
+
 
 def test_dry_run_prints_the_documented_commands(tmp_path, ablation, capsys):
     common = ["--glas", str(tmp_path / "glas"), "--output", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d")]
