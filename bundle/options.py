@@ -16,12 +16,20 @@ import math
 import numbers
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .errors import BundleInputError
 
-__all__ = ["RUN_ARGUMENTS", "as_switch", "check_overrides", "check_values", "command_line_overrides"]
+__all__ = [
+    "RUN_ARGUMENTS",
+    "as_switch",
+    "check_overrides",
+    "check_values",
+    "check_writable_dirs",
+    "command_line_overrides",
+]
 
 # the arguments of ``monai.bundle run`` itself (and of the workflow it creates): not config ids
 RUN_ARGUMENTS = frozenset(
@@ -201,3 +209,40 @@ def check_device(device: Any) -> None:
             )
     elif device.type not in ("cpu", "cuda", "mps"):
         raise BundleInputError(f"--device must be cpu, cuda or cuda:N, got {str(device)!r}")
+
+
+def _creation_failure(error: OSError, folder: str) -> str:
+    """Why ``folder`` could not be created: a parent that is a file, or the system's reason (naming the parent)."""
+    parent = folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"{parent} is a file"
+    reason = error.strerror or type(error).__name__
+    where = os.path.abspath(os.fspath(error.filename)) if error.filename is not None else folder
+    return reason if where == folder else f"{where}: {reason}"
+
+
+def check_writable_dirs(folders: Mapping[str, Any]) -> None:
+    """Create each folder (as ``os.makedirs`` does) and write a probe file in it, so that a read-only, unwritable or
+    misplaced ``--output_dir``/``--ckpt_dir`` stops the command with one line before any work, not at the first
+    checkpoint. ``folders`` maps each option's name to its folder."""
+    for name, folder in folders.items():
+        folder = os.path.abspath(os.fspath(folder))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise BundleInputError(f"--{name} {folder} is a file, not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise BundleInputError(
+                f"--{name} {folder}: cannot create the folder ({_creation_failure(error, folder)})"
+            ) from error
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise BundleInputError(
+                f"--{name} {folder} is not writable ({reason}); pass a folder you can write to"
+            ) from error
+        os.close(handle)
+        os.remove(probe)

@@ -1,9 +1,9 @@
-"""What training and inference load: datalists (load, validate, write), image and mask readers, the one TIFF
-decoder, MONAI transforms the bundle adds, and the training samplers.
+"""What training and inference load: datalists (load, validate, write) and the checks a loaded datalist gets, image
+and mask readers, the one TIFF decoder, MONAI transforms the bundle adds, and the training samplers.
 
 Dataset preparation (``python -m bundle.prepare``) and the embedded synthetic dataset are in :mod:`bundle.prepare`;
 CutMix, which works on batches already on the device, is in :mod:`bundle.engine.cutmix`. Only the datalist helpers
-are imported eagerly (no torch); ``readers``, ``transforms``, ``sampling`` and ``tiff`` load on first use.
+are imported eagerly (no torch); ``checks``, ``readers``, ``transforms``, ``sampling`` and ``tiff`` load on first use.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "absolute_path",
     "load_datalist",
     "unlabeled_pool",
+    "checks",
     "readers",
     "sampling",
     "tiff",
@@ -25,7 +26,7 @@ __all__ = [
     "write_datalist",
 ]
 
-_LAZY = {"readers", "sampling", "tiff", "transforms"}
+_LAZY = {"checks", "readers", "sampling", "tiff", "transforms"}
 
 
 def __getattr__(name: str):

@@ -4,6 +4,8 @@ A datalist holds the lists ``training`` (labelled: ``{"image", "label", ...}``),
 ``validation`` and ``test`` (labelled). Items may carry extra keys (``name``, ``part``, ``instance_label``, ...);
 paths are relative to the dataset folder or absolute. Every problem is reported as a one-line
 :class:`~bundle.errors.BundleInputError` that names the datalist file, the list, the item and the path.
+Given :class:`~bundle.data.checks.DatalistChecks` (the configs pass ``@datalist_checks``), a loaded list also gets
+the checks prepared data gets (:mod:`bundle.data.checks`), once, when it is loaded.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from bundle.errors import BundleInputError
+
+if TYPE_CHECKING:
+    from bundle.data.checks import DatalistChecks
 
 __all__ = [
     "DATALIST_FILENAME",
@@ -75,6 +81,7 @@ def load_datalist(
     check_files: bool = True,
     missing_ok: bool = False,
     require_label: bool | None = None,
+    checks: DatalistChecks | Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Return the list ``key`` of ``dataset_dir/datalist.json`` with its paths made absolute.
 
@@ -82,7 +89,8 @@ def load_datalist(
     absolute ``str`` paths; other keys are copied unchanged. Items of :data:`LABELLED_KEYS` must have a ``label``.
     With ``allow_empty`` a missing or empty list gives ``[]``; with ``check_files`` every referenced file must exist;
     with ``missing_ok`` a folder without a datalist gives ``[]`` (an optional pool such as ``unlabeled``);
-    ``require_label`` overrides whether items need a ``label`` (default: the lists of :data:`LABELLED_KEYS`).
+    ``require_label`` overrides whether items need a ``label`` (default: the lists of :data:`LABELLED_KEYS`);
+    ``checks`` runs :func:`bundle.data.checks.check_list` on the list (duplicates, sizes, mask classes).
     Raises :class:`BundleInputError` with a one-line message for every problem.
     """
     dataset_dir = absolute_path(dataset_dir)
@@ -90,6 +98,21 @@ def load_datalist(
         logger.info("no %s in %s: the %r list is empty", DATALIST_FILENAME, dataset_dir, key)
         return []
     datalist_path, content = _read_datalist(dataset_dir)
+    items = _resolve_list(dataset_dir, datalist_path, content, key, allow_empty, check_files, require_label)
+    if checks is not None and items:
+        _run_checks(items, key, datalist_path, content, dataset_dir, checks)
+    return items
+
+
+def _resolve_list(
+    dataset_dir: str,
+    datalist_path: str,
+    content: dict[str, Any],
+    key: str,
+    allow_empty: bool,
+    check_files: bool,
+    require_label: bool | None,
+) -> list[dict[str, Any]]:
     if key not in content:
         if allow_empty:
             return []
@@ -119,7 +142,7 @@ def load_datalist(
             value = item[name]
             if not isinstance(value, str) or not value:
                 raise BundleInputError(f"{where}: {name!r} must be a non-empty path string, got {value!r}")
-            path = os.path.normpath(os.path.join(dataset_dir, os.path.expanduser(value)))
+            path = _resolve(dataset_dir, value)
             if check_files and not os.path.isfile(path):
                 raise BundleInputError(f"{where}: {name} {path} does not exist")
             resolved[name] = path
@@ -127,16 +150,48 @@ def load_datalist(
     return resolved_items
 
 
-def unlabeled_pool(folder: str | os.PathLike) -> list[dict[str, Any]]:
+def _resolve(dataset_dir: str, value: str) -> str:
+    return os.path.normpath(os.path.join(dataset_dir, os.path.expanduser(value)))
+
+
+def _run_checks(
+    items: list[dict[str, Any]],
+    key: str,
+    datalist_path: str,
+    content: dict[str, Any],
+    dataset_dir: str,
+    checks: DatalistChecks | Mapping[str, Any],
+) -> None:
+    from bundle.data.checks import DISJOINT_LISTS, check_list
+
+    # the images of the lists this one must not share an image with (well-formed items only: each list is
+    # validated when it is loaded itself)
+    others = {
+        other: [
+            _resolve(dataset_dir, item["image"])
+            for item in content[other]
+            if isinstance(item, dict) and isinstance(item.get("image"), str) and item["image"]
+        ]
+        for other in DISJOINT_LISTS.get(key, ())
+        if isinstance(content.get(other), list)
+    }
+    seconds = check_list(items, key, datalist_path, checks, others)
+    logger.info("checked the %d items of %r in %s in %.2f s", len(items), key, datalist_path, seconds)
+
+
+def unlabeled_pool(
+    folder: str | os.PathLike, checks: DatalistChecks | Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The unlabelled pool in ``folder``: the ``unlabeled`` list of its datalist, or else the images directly in it.
 
     A folder of images with no ``datalist.json`` (MONAI Label's studies folder, a folder of tiles) is a pool as it
     is: every PNG/JPEG/BMP/TIFF file directly inside it (not in sub-folders, so MONAI Label's ``labels/`` stay out),
     sorted by name. A folder that does not exist or holds neither gives an empty pool (training is supervised).
+    With ``checks``, every image must be large enough for the training transforms (its header is read).
     """
     folder = absolute_path(folder)
     if os.path.isfile(os.path.join(folder, DATALIST_FILENAME)):
-        return load_datalist(folder, "unlabeled", allow_empty=True)
+        return load_datalist(folder, "unlabeled", allow_empty=True, checks=checks)
     if not os.path.isdir(folder):
         logger.info("unlabelled pool folder %s does not exist: the pool is empty", folder)
         return []
@@ -146,7 +201,12 @@ def unlabeled_pool(folder: str | os.PathLike) -> list[dict[str, Any]]:
         if name.lower().endswith(POOL_SUFFIXES) and os.path.isfile(os.path.join(folder, name))
     )
     logger.info("unlabelled pool: %d images in %s (no %s there)", len(names), folder, DATALIST_FILENAME)
-    return [{"image": os.path.join(folder, name)} for name in names]
+    pool = [{"image": os.path.join(folder, name)} for name in names]
+    if checks is not None and pool:
+        from bundle.data.checks import check_list
+
+        check_list(pool, "unlabeled", f"the folder {folder}", checks)
+    return pool
 
 
 def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> str:

@@ -10,15 +10,20 @@ run would have done.
 MONAI's ``CheckpointSaver`` cannot hold the trainer itself when it is declared in the trainer's own config (a
 circular reference), and ignite's ``Checkpoint`` deletes the previous file before writing a fixed-name one. These
 handlers are attached to the trainer, add its state themselves, and every file is replaced atomically (ignite's
-``DiskSaver`` writes a temporary file and renames it; only rank 0 writes), so a killed run always leaves complete
-files.
+``DiskSaver``, only rank 0 writes: a temporary file next to it, synced, then renamed), so a killed run always leaves
+complete files. A write that fails (a full disk, no permission) removes its temporary file, keeps the previous file
+and stops training with a :class:`~bundle.errors.BundleInputError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import stat
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +43,36 @@ def _unwrapped(obj: Any) -> Any:
     if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
         return obj.module
     return obj
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's atomic ``DiskSaver`` that also cleans up when the data cannot be flushed or renamed (ignite only does
+    while ``torch.save`` runs) and syncs the file before the rename, so the final name only ever holds a whole file."""
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dirname)
+        os.close(handle)
+        try:
+            with open(temporary, "wb") as stream:
+                func(checkpoint, stream, **self.kwargs)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
+        with contextlib.suppress(OSError):  # written already; readable by the group and others where allowed
+            os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _save(disk: DiskSaver, obj: Any, path: str) -> None:
+    """Write ``obj`` to ``path`` with ``disk``; a failing write (full disk, no permission) becomes one clear error."""
+    try:
+        disk(obj, os.path.basename(path))
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise BundleInputError(f"cannot write {path}: {reason} (the file was left as it was)") from error
 
 
 def _evaluator_state(evaluator: Engine | None) -> dict[str, Any] | None:
@@ -93,13 +128,20 @@ class TrainingCheckpointSaver:
         self._model_disk: DiskSaver | None = None
 
     def attach(self, engine: Engine) -> None:
-        self._disk = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
+        self._disk = self._saver(self.save_dir)
         if self.model_path is not None:
-            folder = os.path.dirname(os.path.abspath(self.model_path))
-            self._model_disk = DiskSaver(folder, atomic=True, create_dir=True, require_empty=False)
+            self._model_disk = self._saver(os.path.dirname(os.path.abspath(self.model_path)))
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval) | Events.COMPLETED, self.save_last)
         if self.evaluator is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_best)
+
+    @staticmethod
+    def _saver(folder: str) -> DiskSaver:
+        try:
+            return _AtomicDiskSaver(folder, atomic=True, create_dir=True, require_empty=False)
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            raise BundleInputError(f"cannot create the checkpoint folder {folder}: {reason}") from error
 
     def checkpoint(self, engine: Engine) -> dict[str, Any]:
         """The dictionary written to disk: every object's state dict plus the trainer's (and scaler, evaluator)."""
@@ -123,13 +165,13 @@ class TrainingCheckpointSaver:
             self._write(engine, self.best_filename)
             if self._model_disk is not None:
                 network = _unwrapped(self.save_dict[self.network_key])
-                self._model_disk(network.state_dict(), os.path.basename(self.model_path))
+                _save(self._model_disk, network.state_dict(), os.path.abspath(self.model_path))
             logger.info("best checkpoint: %s = %.4f at epoch %d", state.key_metric_name, state.best_metric, best_epoch)
 
     def _write(self, engine: Engine, filename: str) -> None:
         if self._disk is None:
             raise RuntimeError("TrainingCheckpointSaver.attach(engine) must be called before saving")
-        self._disk(self.checkpoint(engine), filename)
+        _save(self._disk, self.checkpoint(engine), os.path.join(os.path.abspath(self.save_dir), filename))
 
 
 class TrainingCheckpointLoader:

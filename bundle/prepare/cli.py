@@ -11,8 +11,8 @@ Each dataset is one sub-command (registered in ``_DATASETS``); ``docs/datasets.m
 Sources are only read; the command writes ``OUT/datalist.json`` (absolute paths) and ``OUT/dataset.json`` (a config
 override file: ``dataset_dir`` and the dataset's classes and mask settings, merged after ``configs/train.json``), plus
 tiles or masks under ``OUT`` for KPI and MoNuSeg, and prints one summary line per list. Notices (grayscale or RGBA
-images, skipped annotations) are printed as ``notice: ...`` lines on stderr. Problems with the input are reported as one
-``error: ...`` line with exit status 2.
+images, skipped annotations) are printed as ``notice: ...`` lines on stderr. Problems with the input, and an output that
+cannot be written (read-only, no permission, a full disk), are reported as one ``error: ...`` line with exit status 2.
 """
 
 from __future__ import annotations
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return 0 on success, 2 on a problem with the input (printed as one ``error:`` line).
+    """Run the command line; return 0 on success, 2 on a problem with the input or the output folder (printed as one
+    ``error:`` line).
 
     Notices of the preparers are printed as ``notice: ...`` lines on stderr.
     """
@@ -270,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datalist = args.run(args)
     except BundleInputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read or write the checks could not foresee (a full disk): the file and the reason
+        where = f"{os.fspath(error.filename)}: " if error.filename is not None else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     finally:
         notices.removeHandler(handler)

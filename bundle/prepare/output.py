@@ -1,10 +1,12 @@
 """The output folder of a dataset preparer: checks before anything is read, and files written only at the end.
 
 :func:`check_output` refuses an output that is a file, an existing datalist or ``dataset.json`` without ``--force``,
-overwriting a file of a source, an output inside a source, and (for preparers that write images or masks) a source
-inside the output. :class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to
-their destination and moves them into place only when the whole preparation succeeded, so a failed run leaves the output
-as it was. The datalist is written last (atomically), so a folder with a datalist always holds all its files.
+overwriting a file of a source, an output inside a source, (for preparers that write images or masks) a source
+inside the output, and an output that cannot be created or written (read-only, no permission, a parent that is a
+file); a write that fails later all the same (a full disk) is reported naming the file.
+:class:`GeneratedFolders` collects generated files (tiles, masks) in a hidden staging folder next to their destination
+and moves them into place only when the whole preparation succeeded, so a failed run leaves the output as it was.
+The datalist is written last (atomically), so a folder with a datalist always holds all its files.
 
 :func:`write_prepared` also writes ``dataset.json``, a config override file with ``dataset_dir`` and the dataset's
 ``settings`` (its classes and how its masks turn into classes): training merges it after ``configs/train.json``, so
@@ -22,7 +24,15 @@ from typing import Any
 from bundle.data.datalist import DATALIST_FILENAME, absolute_path, write_datalist
 from bundle.errors import BundleInputError
 
-__all__ = ["DATASET_FILENAME", "GeneratedFolders", "check_output", "check_source", "is_inside", "write_prepared"]
+__all__ = [
+    "DATASET_FILENAME",
+    "GeneratedFolders",
+    "check_output",
+    "check_source",
+    "check_writable",
+    "is_inside",
+    "write_prepared",
+]
 
 DATASET_FILENAME = "dataset.json"
 
@@ -40,6 +50,30 @@ def check_source(source: str | os.PathLike, label: str) -> str:
         what = "is not a folder" if os.path.exists(source) else "does not exist"
         raise BundleInputError(f"{label} source {source} {what}")
     return source
+
+
+def _cannot_write(error: OSError, path: str) -> BundleInputError:
+    """An ``OSError`` of a write (full disk, no permission) as one line naming the file or folder meant."""
+    return BundleInputError(f"cannot write {path}: {error.strerror or type(error).__name__}")
+
+
+def check_writable(output: str) -> None:
+    """Refuse an ``output`` folder that could not be created or written, before anything is read or written."""
+    folder = output
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise BundleInputError(f"output {output} cannot be created: {folder} is a file, not a folder")
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    reason = "is on a read-only file system" if read_only else "is not writable (no permission)"
+    if folder == output:
+        raise BundleInputError(f"output {output} {reason}; choose a folder you can write to")
+    raise BundleInputError(f"output {output} cannot be created: its parent {folder} {reason}")
 
 
 def check_output(
@@ -77,6 +111,7 @@ def check_output(
                 raise BundleInputError(f"refusing to overwrite {target}: it is a file of the {label} source {source}")
         if not force:
             raise BundleInputError(f"{target} already exists; pass --force to overwrite it")
+    check_writable(output)
     return output
 
 
@@ -96,8 +131,13 @@ class GeneratedFolders:
 
     def __enter__(self) -> GeneratedFolders:
         self._created_output = not os.path.exists(self.output)
-        os.makedirs(self.output, exist_ok=True)
-        self._staging = tempfile.mkdtemp(prefix=".prepare-", dir=self.output)
+        try:
+            os.makedirs(self.output, exist_ok=True)
+            self._staging = tempfile.mkdtemp(prefix=".prepare-", dir=self.output)
+        except OSError as error:
+            if self._created_output and os.path.isdir(self.output) and not os.listdir(self.output):
+                os.rmdir(self.output)
+            raise _cannot_write(error, self.output) from error
         return self
 
     def staging(self, name: str) -> str:
@@ -130,7 +170,15 @@ class GeneratedFolders:
 def write_prepared(datalist: dict[str, Any], output: str) -> str:
     """Move ``datalist["settings"]`` into ``output/dataset.json`` (with ``dataset_dir``), then write the rest to
     ``output/datalist.json`` (creating ``output``); return the datalist's path. ``datalist`` is left as written."""
-    os.makedirs(output, exist_ok=True)
     settings = datalist.pop("settings", {})
-    write_datalist({"dataset_dir": output, **settings}, os.path.join(output, DATASET_FILENAME))
-    return write_datalist(datalist, os.path.join(output, DATALIST_FILENAME))
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as error:
+        raise _cannot_write(error, output) from error
+    written = ""
+    for content, name in (({"dataset_dir": output, **settings}, DATASET_FILENAME), (datalist, DATALIST_FILENAME)):
+        try:
+            written = write_datalist(content, os.path.join(output, name))
+        except OSError as error:
+            raise _cannot_write(error, os.path.join(output, name)) from error
+    return written
