@@ -9,6 +9,8 @@
   MONAI Label saves)
 - :mod:`.scaling`: ``ScaledInferer`` (predicts at the model's ``image_scale``, returns the input's size)
 - :mod:`.large_images`: ``LargeImageSegmenter`` (block-wise sliding-window inference, tiled TIFF output)
+- :mod:`.skipping`: ``--on_error stop|skip`` (``SkippedImages``, ``readable_items``: unreadable images left out and
+  listed in ``skipped.csv``)
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from .label_output import LabelOutputd
 from .large_images import LargeImageSegmenter
 from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
 from .scaling import ScaledInferer, check_image_scale
+from .skipping import SkippedImages, UnreadableImage, check_on_error, readable_items
 from .writers import (
     OutputFolderLayout,
     SaveSegmentationd,
     SegmentationWriter,
     TiledTiffWriter,
     check_output_files,
+    output_file,
     write_map,
 )
 
@@ -41,10 +45,13 @@ __all__ = [
     "SaveSegmentationd",
     "ScaledInferer",
     "SegmentationWriter",
+    "SkippedImages",
     "TiffRegionReader",
     "TiledTiffWriter",
+    "UnreadableImage",
     "filter_by_size",
     "check_image_scale",
+    "check_on_error",
     "check_output_files",
     "describe_cleanup",
     "image_size",
@@ -53,5 +60,7 @@ __all__ = [
     "load_network_weights",
     "network_state_dict",
     "open_region_reader",
+    "output_file",
+    "readable_items",
     "write_map",
 ]

@@ -2,7 +2,8 @@
 
 :func:`inference_inputs` turns the user's ``dataset_dir`` into ``[{"image": path}, ...]`` and reports every problem
 (a missing path, a folder without images, an unsupported or unreadable file, two inputs that would write the same
-output) as one :class:`~bundle.errors.BundleInputError` line naming the file. Only the file headers are read here;
+output) as one :class:`~bundle.errors.BundleInputError` line naming the file (with ``--on_error skip`` an unreadable
+file is left out instead, see :mod:`bundle.inference.skipping`). Only the file headers are read here;
 :func:`image_size` gives the (height, width) used by :func:`filter_by_size` to send very large images to the
 tiled path (:mod:`bundle.inference.large_images`) instead of loading them whole.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tifffile
 from PIL import Image
@@ -20,6 +21,9 @@ from PIL import Image
 from ..data.datalist import DATALIST_FILENAME, load_datalist
 from ..data.readers import PIL_SUFFIXES, TIFF_SUFFIXES
 from ..errors import BundleInputError
+
+if TYPE_CHECKING:
+    from .skipping import SkippedImages
 
 __all__ = ["IMAGE_SUFFIXES", "filter_by_size", "image_size", "inference_inputs", "is_tiff"]
 
@@ -112,6 +116,7 @@ def inference_inputs(
     recursive: bool = False,
     datalist_key: str = "test",
     exclude: Sequence[str | os.PathLike] = (),
+    errors: SkippedImages | None = None,
 ) -> list[dict[str, Any]]:
     """The images to segment, as ``[{"image": absolute_path}, ...]``.
 
@@ -122,6 +127,7 @@ def inference_inputs(
         datalist_key: the datalist list to segment.
         exclude: folders not searched (the output folder when it lies inside ``source``); if ``source`` itself is
             one of them, only the bundle's outputs in it (``*_mask.*``, ``*_prob.*``) are skipped.
+        errors: with ``on_error`` ``skip``, an image whose header cannot be read is recorded there and left out.
 
     Every header is read once, so a file that is not an image of a supported type fails here, before any work,
     with a :class:`BundleInputError` naming it.
@@ -147,10 +153,20 @@ def inference_inputs(
                 f"(use {', '.join(IMAGE_SUFFIXES)}, a folder of images or a {DATALIST_FILENAME})"
             )
         paths = [source]
+    readable = []
     for path in paths:
-        image_size(path)
-    _check_unique_outputs(paths, root)
-    return [{"image": path} for path in paths]
+        try:
+            image_size(path)
+        except BundleInputError as err:
+            if errors is None or not errors.skip:
+                raise
+            errors.add(path, err)
+            continue
+        readable.append(path)
+    if errors is not None:
+        errors.listed(paths)
+    _check_unique_outputs(readable, root)
+    return [{"image": path} for path in readable]
 
 
 def filter_by_size(items: Sequence[dict[str, Any]], max_pixels: int | None, large: bool = False) -> list[dict]:

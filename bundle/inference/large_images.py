@@ -16,6 +16,10 @@ and blends uniformly (no Gaussian weights), and openslide/cuCIM are extra native
 
 Output names and values match the whole-image path (``SaveSegmentationd`` with the same options); a network that
 works pixel by pixel gives the identical mask on both paths.
+
+An image that cannot be read (its header, a tile found corrupt halfway) raises
+:class:`~bundle.inference.skipping.UnreadableImage`; its partial outputs are removed (they were written under
+temporary names), and with ``--on_error skip`` the next image follows.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -36,7 +41,8 @@ from tqdm import tqdm
 from ..errors import BundleInputError
 from .checkpoint import CheckpointWeightsLoader
 from .cleanup import MaskCleanup
-from .regions import open_region_reader
+from .regions import RegionReader, open_region_reader
+from .skipping import SkippedImages, UnreadableImage, skipping
 from .writers import OutputFolderLayout, TiledTiffWriter, to_output_dtype, write_map
 
 __all__ = ["LargeImageSegmenter"]
@@ -53,6 +59,18 @@ def _first_argmax(values: torch.Tensor) -> torch.Tensor:
         index[better] = channel
         best = torch.maximum(best, values[channel])
     return index
+
+
+@contextmanager
+def _reading() -> Iterator[None]:
+    """Reading the input: its errors become :class:`UnreadableImage` (same message), which ``--on_error skip`` skips;
+    errors of the outputs keep their type and stop the run."""
+    try:
+        yield
+    except UnreadableImage:
+        raise
+    except BundleInputError as err:
+        raise UnreadableImage(str(err)) from err
 
 
 class _MapSink:
@@ -111,6 +129,7 @@ class LargeImageSegmenter:
         block_size: block side in pixels (a multiple of ``tile_size``); ``margin``: context read around each block
             (None: half the inferer's window); ``tile_size``: TIFF tile side.
         progress: a tqdm bar over the blocks of each image.
+        errors: with ``on_error`` ``skip``, an image that cannot be read is recorded there and the next one follows.
     """
 
     def __init__(
@@ -134,6 +153,7 @@ class LargeImageSegmenter:
         margin: int | None = None,
         tile_size: int = 256,
         progress: bool = True,
+        errors: SkippedImages | None = None,
     ) -> None:
         if tile_size < 16 or tile_size % 16:
             raise BundleInputError(f"large_image_tile must be a positive multiple of 16, got {tile_size}")
@@ -163,9 +183,10 @@ class LargeImageSegmenter:
         self.block_size = block_size
         self.tile_size = tile_size
         self.progress = progress
+        self.errors = errors
 
     def run(self) -> list[str]:
-        """Segment every item; returns the written mask paths."""
+        """Segment every item; returns the written mask paths (unreadable images are skipped with ``skip``)."""
         if not self.items:
             return []
         if self.weights is not None:
@@ -173,7 +194,12 @@ class LargeImageSegmenter:
         self.network.eval()
         written = []
         for item in self.items:
-            written.append(self.segment(item["image"]))
+            try:
+                written.append(self.segment(item["image"]))
+            except UnreadableImage as err:
+                if not skipping(self.errors):
+                    raise
+                self.errors.add(item["image"], err)
         return written
 
     def _predict_block(self, window: np.ndarray, path: str) -> torch.Tensor:
@@ -194,7 +220,8 @@ class LargeImageSegmenter:
     def segment(self, path: str) -> str:
         """Segment one image; returns the mask path."""
         started = time.perf_counter()
-        reader = open_region_reader(path)
+        with _reading():
+            reader: RegionReader = open_region_reader(path)
         sinks: list[_MapSink] = []
         try:
             height, width = reader.height, reader.width
@@ -215,7 +242,9 @@ class LargeImageSegmenter:
                         y0, x0 = max(0, top - self.margin), max(0, left - self.margin)
                         y1 = min(height, top + band_height + self.margin)
                         x1 = min(width, left + block_width + self.margin)
-                        probs = self._predict_block(reader.read(y0, x0, y1 - y0, x1 - x0), path)
+                        with _reading():
+                            window = reader.read(y0, x0, y1 - y0, x1 - x0)
+                        probs = self._predict_block(window, path)
                         core = (slice(top - y0, top - y0 + band_height), slice(left - x0, left - x0 + block_width))
                         if self.cleanup is not None and self.cleanup.enabled:  # judged with the margin's context
                             classes = self.cleanup(_first_argmax(probs).numpy())[core]

@@ -12,6 +12,11 @@ postprocessing, and so drops these writers too), but with two parts of its own:
 
 :class:`TiledTiffWriter` writes a large map band by band as a tiled TIFF, so that neither the map nor the image is
 ever held whole in memory (see :mod:`bundle.inference.large_images`).
+
+Every file is written under a hidden temporary name in its own folder (:func:`output_file`) and renamed into place
+(``os.replace``, atomic on one file system) only once complete: a failed, interrupted or killed write never leaves a
+truncated file under the output's name that looks like a result (an existing file stays as it was until the new one
+is complete), and a write error (disk full, no permission) is one line naming the output.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,6 +48,7 @@ __all__ = [
     "TiledTiffWriter",
     "check_output_ext",
     "check_output_files",
+    "output_file",
     "to_output_dtype",
     "write_map",
 ]
@@ -74,30 +82,69 @@ def to_output_dtype(values: np.ndarray, dtype: np.dtype | str, scale: float | No
     return values.astype(dtype)
 
 
-def write_map(path: str, array: np.ndarray) -> None:
-    """Write an (H, W) or (H, W, C) map: ``.png`` through Pillow (8/16-bit single channel), TIFF through tifffile."""
+def temporary_name(path: str) -> str:
+    """A hidden name next to ``path`` for its file while it is written (``.<stem>.<token>.tmp<ext>``).
+
+    Hidden, so a folder used as both input and output never lists it as an image; unique per process and call.
+    """
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    return os.path.join(folder, f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{ext}")
+
+
+def _remove(path: str) -> None:
     try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_error(path: str, err: OSError) -> BundleInputError:
+    return BundleInputError(f"cannot write {path}: {err.strerror or err}")
+
+
+@contextmanager
+def output_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary name next to ``path`` to write to; it is renamed to ``path`` when the block completes.
+
+    On any failure the temporary file is removed (``path`` is never touched); an ``OSError`` (disk full, no
+    permission) becomes a :class:`BundleInputError` naming ``path``.
+    """
+    path = os.fspath(path)
+    temp = temporary_name(path)
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException as err:
+        _remove(temp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from err
+        raise
+
+
+def write_map(path: str, array: np.ndarray) -> None:
+    """Write an (H, W) or (H, W, C) map: ``.png`` through Pillow (8/16-bit single channel), TIFF through tifffile.
+
+    Written to a temporary name and renamed into place when complete (:func:`output_file`).
+    """
+    if not is_tiff(path) and (array.ndim != 2 or array.dtype not in (np.uint8, np.uint16)):
+        raise BundleInputError(
+            f"cannot write {path}: PNG holds single-channel 8/16-bit maps, not {array.dtype} with shape "
+            f"{array.shape}; use a .tif output"
+        )
+    with output_file(path) as temp:
         if is_tiff(path):
             planarconfig = "contig" if array.ndim == 3 else None
             tifffile.imwrite(
-                path,
+                temp,
                 array,
                 photometric="minisblack",
                 planarconfig=planarconfig,
                 compression=TIFF_COMPRESSION,
                 metadata=None,
             )
-            return
-        if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
-            raise BundleInputError(
-                f"cannot write {path}: PNG holds single-channel 8/16-bit maps, not {array.dtype} with shape "
-                f"{array.shape}; use a .tif output"
-            )
-        Image.fromarray(array).save(path)
-    except BundleInputError:
-        raise
-    except OSError as err:
-        raise BundleInputError(f"cannot write {path}: {err.strerror or err}") from err
+        else:
+            Image.fromarray(array).save(temp, format="PNG")
 
 
 class SegmentationWriter(ImageWriter):
@@ -198,17 +245,20 @@ def check_output_files(
     data_root_dir: str | os.PathLike = "",
     save_probabilities: bool = False,
     overwrite: bool = False,
+    extra_files: Sequence[str] = (),
 ) -> list[str]:
     """The files this inference run will write; refuse to start when one exists already, unless ``overwrite``.
 
     A mask or probability map already in ``output_dir`` (a ground-truth ``<name>_mask.png`` next to its image, a
     previous run's result) is never replaced silently: the run stops before any work with one line naming the first
-    such file and how many there are. ``--overwrite True`` replaces them.
+    such file and how many there are. ``--overwrite True`` replaces them. ``extra_files``: other files of the run
+    (names in ``output_dir``, e.g. the list of skipped images), checked the same way.
     """
     layouts = [OutputFolderLayout(output_dir, "mask", output_ext, data_root_dir, makedirs=False)]
     if save_probabilities:
         layouts.append(OutputFolderLayout(output_dir, "prob", ".tif", data_root_dir, makedirs=False))
     paths = [layout.filename(subject=item["image"]) for item in items for layout in layouts]
+    paths += [os.path.join(os.fspath(output_dir), name) for name in extra_files]
     existing = [path for path in paths if os.path.lexists(path)]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -277,7 +327,8 @@ class TiledTiffWriter:
 
     ``tifffile.imwrite`` consumes the tiles from a generator in a background thread; :meth:`write_band` cuts each
     band (a multiple of ``tile`` rows, except the last) into tiles and queues them in row-major order. At most
-    ``max_queued`` tiles wait in memory. Use as a context manager: a failure removes the partial file.
+    ``max_queued`` tiles wait in memory. The file is written under a temporary name (``temp_path``) and renamed to
+    ``path`` by :meth:`close` once complete. Use as a context manager: a failure removes the partial file.
     """
 
     def __init__(
@@ -291,6 +342,7 @@ class TiledTiffWriter:
         max_queued: int = 64,
     ) -> None:
         self.path = path
+        self.temp_path = temporary_name(path)
         self.height, self.width, self.channels, self.tile = height, width, channels, tile
         self.dtype = np.dtype(dtype)
         self.rows_written = 0
@@ -311,7 +363,7 @@ class TiledTiffWriter:
         shape = (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
         try:
             tifffile.imwrite(
-                self.path,
+                self.temp_path,
                 data=self._tiles(),
                 shape=shape,
                 dtype=self.dtype,
@@ -337,7 +389,7 @@ class TiledTiffWriter:
         if self._error is not None:
             err = self._error
             if isinstance(err, OSError):
-                raise BundleInputError(f"cannot write {self.path}: {err.strerror or err}") from err
+                raise _write_error(self.path, err) from err
             raise RuntimeError(f"writing {self.path} failed: {err}") from err
 
     def write_band(self, band: np.ndarray) -> None:
@@ -360,7 +412,7 @@ class TiledTiffWriter:
         self.rows_written += rows
 
     def close(self) -> None:
-        """Finish the file (all rows must have been written) and wait for the writer thread."""
+        """Finish the file (all rows must have been written), wait for the writer thread, rename it into place."""
         if self.rows_written != self.height:
             self.abort()
             raise RuntimeError(f"{self.path}: only {self.rows_written} of {self.height} rows were written")
@@ -369,12 +421,16 @@ class TiledTiffWriter:
                 self._put(self._done)
             self._thread.join()
             self._raise_if_failed()
+            os.replace(self.temp_path, self.path)
+        except OSError as err:
+            self.abort()
+            raise _write_error(self.path, err) from err
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        """Stop the writer thread and remove the partial file."""
+        """Stop the writer thread and remove the partial file (``path`` itself is never touched)."""
         while self._thread.is_alive():
             try:
                 self._queue.put(self._done, timeout=0.2)
@@ -382,8 +438,7 @@ class TiledTiffWriter:
             except queue.Full:
                 continue
         self._thread.join()
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        _remove(self.temp_path)
 
     def __enter__(self) -> TiledTiffWriter:
         return self
