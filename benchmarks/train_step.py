@@ -314,12 +314,19 @@ def measure_memory(args: argparse.Namespace, method: str) -> dict:
     """Peak RSS of ``MEMORY_ITERATIONS`` iterations of one method alone (this process builds only that method)."""
     with tempfile.TemporaryDirectory() as out:
         steps, labelled = build_methods(args, [method], out)
-        baseline, build_peak = rss_mb(), peak_rss_mb()
-        reset_peak_rss()
+        build_peak = peak_rss_mb()
+        reset_peak_rss()  # the peak starts over from the RSS now, the baseline
+        baseline = rss_mb()
         for _ in range(MEMORY_ITERATIONS):
             steps[method](labelled)
         peak = peak_rss_mb()
-        return {"method": method, "baseline_rss_mb": baseline, "build_peak_rss_mb": build_peak, "peak_rss_mb": peak}
+        return {
+            "method": method,
+            "baseline_rss_mb": baseline,
+            "build_peak_rss_mb": build_peak,
+            "peak_rss_mb": peak,
+            "iteration_mb": peak - baseline,
+        }
 
 
 def memory_in_children(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
@@ -376,8 +383,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             results[method].update(cuda_peak[method])
     if device.type != "cuda" and not args.skip_memory:
         for method, memory in memory_in_children(args, methods).items():
-            results[method].update({k: v for k, v in memory.items() if k.endswith("_mb")})
-            results[method]["iteration_mb"] = memory["peak_rss_mb"] - memory["baseline_rss_mb"]
+            results[method].update({k: v for k, v in memory.items() if k.endswith("_mb")})  # iteration_mb included
     return results
 
 

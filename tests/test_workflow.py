@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 from pathlib import Path
 
@@ -21,6 +20,43 @@ from monai.engines import IterationEvents
 
 from bundle.errors import BundleInputError
 from bundle.prepare import main as prepare_main
+
+
+def check_losses_are_the_objective(history: list[dict], parser) -> None:
+    """Each iteration's logged ``loss`` is ``a L_x + b L_u + ramp (l_img L_img + l_txt L_txt + l_align L_align)``
+    of its logged terms with the config's weights, and ``L_u`` the weighted sum of its three parts (a NaN fails)."""
+    a, b = parser.get_parsed_content("loss_weights")
+    w1, w2, wfp = parser.get_parsed_content("consistency_weights")
+    weights = {"loss_img": "image_weight", "loss_txt": "text_weight", "loss_align": "align_weight"}
+    weights = {term: parser.get_parsed_content(key) for term, key in weights.items()}
+    for terms in history:
+        total = terms["loss_x"]
+        if "loss_u" in terms:
+            parts = w1 * terms["loss_u_s1"] + w2 * terms["loss_u_s2"] + wfp * terms["loss_u_fp"]
+            assert terms["loss_u"] == pytest.approx(parts, rel=1e-5, abs=1e-7), terms
+            total = a * terms["loss_x"] + b * terms["loss_u"]
+        prototypes = sum(weight * terms[term] for term, weight in weights.items() if term in terms)
+        total += terms.get("prototype_ramp", 0.0) * prototypes
+        assert terms["loss"] == pytest.approx(total, rel=1e-5, abs=1e-6), terms
+
+
+def hand_val_dice(parser) -> float:
+    """Gland Dice of the network on the validation images, computed here (MONAI's MeanDice: the mean over the
+    images whose label has gland; the prediction is the argmax of the config's inferer, at the label's size)."""
+    network = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("validate#inferer")
+    device = next(network.parameters()).device
+    dices = []
+    for item in parser.get_parsed_content("validate#dataset"):
+        with torch.no_grad():
+            logits = torch.as_tensor(inferer(item["image"][None].to(device), network))
+        pred = logits[0].argmax(0).cpu().numpy() == 1
+        gt = np.asarray(item["label"])[0] == 1
+        assert pred.shape == gt.shape
+        if gt.any():
+            dices.append(2 * np.sum(pred & gt) / (np.sum(pred) + np.sum(gt)))
+    assert dices, "no validation label holds the foreground class"
+    return float(np.mean(dices))
 
 
 def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
@@ -43,7 +79,9 @@ def test_train_workflow_properties_run_and_checkpoints(tmp_path, synthetic_dir):
     expected = {"loss", "loss_x", "loss_u", "loss_u_s1", "loss_u_s2", "loss_u_fp", "loss_img", "loss_txt"}
     for terms in history:
         assert expected <= set(terms)
-        assert all(math.isfinite(v) for v in terms.values()), terms
+    check_losses_are_the_objective(history, workflow.parser)
+    # small_overrides: the prototype terms ramp up over 2 iterations (w(t) = t / 2 at iteration t, then 1)
+    assert [terms["prototype_ramp"] for terms in history] == pytest.approx([0.5] + [1.0] * 5)
 
     out = tmp_path / "out"
     assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
@@ -138,9 +176,14 @@ def test_cutmix_from_a_separate_batch_and_sgd_preset(tmp_path, synthetic_dir):
     workflow.initialize()
     optimizer = workflow.parser.get_parsed_content("optimizer")
     assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["momentum"] == 0.9
+    network = workflow.parser.get_parsed_content("network")
+    before = {name: value.detach().clone() for name, value in network.named_parameters()}
     history = record_terms(workflow.parser.get_parsed_content("train#trainer"))
     workflow.run()
-    assert len(history) == 2 and all(math.isfinite(v) for v in history[-1].values())
+    assert len(history) == 2 and "loss_u" in history[-1]
+    check_losses_are_the_objective(history, workflow.parser)
+    unchanged = [name for name, value in network.named_parameters() if torch.equal(value.detach(), before[name])]
+    assert unchanged == [], unchanged  # SGD stepped every parameter
 
 
 def test_uni_preset_builds_the_paper_setting():
@@ -217,10 +260,9 @@ def test_config_pipelines_keep_image_and_label_aligned(synthetic_dir):
     assert checked >= 4
 
 
-@pytest.mark.slow
-def test_short_training_on_real_glas(tmp_path, glas_dir):
-    data = tmp_path / "glas10"
-    assert prepare_main(["glas", "--source", str(glas_dir), "--output", str(data), "--split", "10"]) == 0
+def short_glas_training(tmp_path: Path, data: Path, learning_rate: float) -> tuple[list[dict], dict, object]:
+    """40 semi-supervised iterations (default preset, tiny network, 96 px crops) on GlaS 10 %, then one validation
+    on its 12 validation images: the logged terms, the validation metrics and the parser."""
     overrides = small_overrides(
         tmp_path,
         data,
@@ -230,7 +272,7 @@ def test_short_training_on_real_glas(tmp_path, glas_dir):
         batch_size=4,
         patch_size=[96, 96],
         zoom_range=[0.25, 0.35],
-        learning_rate=0.02,
+        learning_rate=learning_rate,
         prototype_warmup_iterations=10,
     )
     workflow = make_workflow(config_files(), **overrides)
@@ -240,14 +282,38 @@ def test_short_training_on_real_glas(tmp_path, glas_dir):
     assert len(workflow.parser.get_parsed_content("train#unlabeled#dataset")) == 66
     history = record_terms(trainer)
     workflow.run()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    return history, dict(evaluator.state.metrics), workflow.parser
+
+
+@pytest.mark.slow
+def test_short_training_on_real_glas(tmp_path, glas_dir):
+    """The semi-supervised recipe learns on real GlaS, against a control run whose optimizer does not move the
+    weights (learning rate 1e-9; 0 is refused): same seed, so the same crops in the same order and the same first
+    loss. Measured (one CPU thread): supervised loss last-10 / first-10 mean 0.86 (control 1.00), last-10 mean
+    0.487 (control 0.618), validation mDice 0.505 (control 0.417: gland nearly everywhere)."""
+    data = tmp_path / "glas10"
+    assert prepare_main(["glas", "--source", str(glas_dir), "--output", str(data), "--split", "10"]) == 0
+    history, metrics, parser = short_glas_training(tmp_path / "real", data, learning_rate=0.02)
     assert len(history) == 40
     for terms in history:
-        assert all(math.isfinite(v) for v in terms.values()), terms
         assert {"loss_x", "loss_u", "loss_img", "loss_txt"} <= set(terms)
-    sup = [t["loss_x"] for t in history]
-    first, last = float(np.mean(sup[:10])), float(np.mean(sup[-10:]))
-    # measured first-10 vs last-10 ratios over seeds 0-3: 0.88, 0.75, 0.84, 0.91
-    assert last < 0.95 * first, f"supervised loss did not fall: first 10 mean {first:.4f}, last 10 mean {last:.4f}"
+    check_losses_are_the_objective(history, parser)
+    assert metrics["val_dice"] == pytest.approx(hand_val_dice(parser), rel=1e-5)
+    control, control_metrics, _ = short_glas_training(tmp_path / "control", data, learning_rate=1e-9)
+    assert history[0]["loss_x"] == pytest.approx(control[0]["loss_x"], rel=1e-5)  # the same start: paired runs
+
+    def first_last(terms: list[dict]) -> tuple[float, float]:
+        sup = [t["loss_x"] for t in terms]
+        return float(np.mean(sup[:10])), float(np.mean(sup[-10:]))
+
+    (first, last), (control_first, control_last) = first_last(history), first_last(control)
+    report = f"first/last 10 mean {first:.4f}/{last:.4f}, control {control_first:.4f}/{control_last:.4f}"
+    assert last < 0.95 * first, f"supervised loss did not fall: {report}"
+    assert last / first < control_last / control_first - 0.08, f"no faster fall than without learning: {report}"
+    assert last < 0.9 * control_last, f"no lower loss than without learning on the same crops: {report}"
+    assert metrics["val_mdice"] >= control_metrics["val_mdice"] + 0.05, (metrics, control_metrics)
 
 
 def test_image_scale_resizes_training_data_and_validates_at_full_resolution(tmp_path, synthetic_dir):
@@ -274,9 +340,9 @@ def test_image_scale_resizes_training_data_and_validates_at_full_resolution(tmp_
     network.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
     evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
-    # windows of the half-size image, and a Dice against the full-size label (a size mismatch would raise)
+    # windows of the half-size image, and the Dice of the prediction brought back to the full-size label
     assert seen and all(size == (64, 64) for size in seen)
-    assert 0.0 <= evaluator.state.metrics["val_dice"] <= 1.0
+    assert evaluator.state.metrics["val_dice"] == pytest.approx(hand_val_dice(parser), rel=1e-5)
     assert parser.get_parsed_content("validate#inferer").scale == 0.5
     unscaled = make_workflow(
         config_files("supervised"), **small_overrides(tmp_path / "b", synthetic_dir, image_scale=1.0)
