@@ -46,9 +46,20 @@ def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Traceback
     if error is None:
         _previous_hook(exc_type, exc, tb)
         return
+    _close_progress_bars()  # so that the error starts its own line, not the end of a bar's
     # the interpreter exits with status 1 after an uncaught exception; only the message is printed
     sys.stderr.write(f"error: {error}\n")
     sys.stderr.flush()
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still open (ignite's progress bar of an interrupted run); nothing if tqdm is not loaded."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot be closed must not hide the error
+            pass
 
 
 _previous_hook = sys.excepthook

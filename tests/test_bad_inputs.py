@@ -316,3 +316,26 @@ def test_output_inside_a_source_folder_is_refused(tmp_path, capsys, inside):
         "source (files are written there and the source is never modified)\n"
     )
     assert snapshot(source) == before
+
+
+def test_empty_weights_and_checkpoint_files_say_so(tmp_path):
+    import torch
+
+    from bundle.engine.checkpoint import TrainingCheckpointLoader
+    from bundle.inference import load_network_weights
+
+    empty = tmp_path / "model.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(BundleInputError) as error:
+        load_network_weights(torch.nn.Linear(2, 2), str(empty))
+    assert str(error.value) == f"model weights file {empty} is empty (0 bytes): an interrupted copy or download?"
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"weight": torch.zeros(2, 2)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(BundleInputError) as error:
+        load_network_weights(torch.nn.Linear(2, 2), str(truncated))
+    detail = str(error.value).removeprefix(f"cannot read model weights file {truncated}: ")
+    assert detail != str(error.value) and len(detail.split("(")[0].strip()) > 0  # a reason, not an empty detail
+    with pytest.raises(BundleInputError) as error:
+        TrainingCheckpointLoader(str(empty), {"network": torch.nn.Linear(2, 2)})._read(torch.device("cpu"))
+    assert str(error.value) == f"resume: checkpoint {empty} is empty (0 bytes)"

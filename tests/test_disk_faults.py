@@ -126,12 +126,14 @@ def run_bundle(files: list[str], run_id: str, tmp_path: Path, *options: str, **e
 
 
 def one_error_line(done) -> str:
-    """The command's only ``error:`` line (exit status 1, no traceback). A progress bar cut short by the error may
-    stand before it on the same terminal line."""
+    """The command's only ``error:`` line (exit status 1, no traceback), on a line of its own: a progress bar cut
+    short by the error is closed first."""
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.count("error: ") == 1, done.stderr[-3000:]
-    return "error: " + done.stderr.split("error: ")[1].splitlines()[0]
+    lines = [line for line in done.stderr.split("\n") if line.startswith("error: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
 
 
 # ---- up-front checks of the folders

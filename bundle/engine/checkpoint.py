@@ -216,6 +216,8 @@ class TrainingCheckpointLoader:
                 logger.info("resume: no checkpoint at %s, training from the start", self.load_path)
                 return None
             raise BundleInputError(f"resume: no checkpoint at {self.load_path}")
+        if os.path.getsize(self.load_path) == 0:
+            raise BundleInputError(f"resume: checkpoint {self.load_path} is empty (0 bytes)")
         try:
             checkpoint = torch.load(self.load_path, map_location=self.map_location or device, weights_only=True)
         except Exception as error:  # a truncated or foreign file: say which and why, in one line

@@ -44,10 +44,12 @@ def network_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"model weights file {path} {what}; train the bundle first (it writes models/model.pt) "
             "or give another file with --ckpt_path"
         )
+    if os.path.getsize(path) == 0:
+        raise BundleInputError(f"model weights file {path} is empty (0 bytes): an interrupted copy or download?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        text = " ".join(str(err).split())[:300]
+        text = " ".join(str(err).split())[:300] or "the file is truncated or not a PyTorch checkpoint"
         raise BundleInputError(f"cannot read model weights file {path}: {text} ({type(err).__name__})") from err
     state = checkpoint
     if isinstance(checkpoint, Mapping):
