@@ -339,3 +339,25 @@ def test_empty_weights_and_checkpoint_files_say_so(tmp_path):
     with pytest.raises(BundleInputError) as error:
         TrainingCheckpointLoader(str(empty), {"network": torch.nn.Linear(2, 2)})._read(torch.device("cpu"))
     assert str(error.value) == f"resume: checkpoint {empty} is empty (0 bytes)"
+
+
+def test_png_with_a_bad_checksum_but_intact_pixels_is_accepted_and_a_truncated_png_is_not(tmp_path):
+    import struct
+
+    from bundle.prepare.checks import inspect_image
+
+    pixels = np.random.RandomState(0).randint(0, 255, (40, 40, 3), dtype=np.uint8)
+    good = tmp_path / "good.png"
+    Image.fromarray(pixels).save(good)
+    data = bytearray(good.read_bytes())
+    start = data.find(b"IDAT")
+    data[start + 4 + struct.unpack(">I", data[start - 4 : start])[0]] ^= 0xFF  # the IDAT chunk's CRC
+    bad_crc = tmp_path / "bad_crc.png"
+    bad_crc.write_bytes(bytes(data))
+    assert inspect_image(str(bad_crc)).size == (40, 40)
+    assert np.array_equal(np.asarray(Image.open(bad_crc).convert("RGB")), pixels)  # what training reads
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(data) // 2])
+    with pytest.raises(BundleInputError) as error:
+        inspect_image(str(truncated))
+    assert str(error.value).startswith(f"image {truncated} {CANNOT_READ}")

@@ -157,16 +157,30 @@ def inspect_image(path: str, what: str = "image") -> ImageInfo:
     if os.path.splitext(path)[1].lower() in TIFF_SUFFIXES:
         array, mode = _read_tiff(what, path)
         return ImageInfo(path, mode, (int(array.shape[1]), int(array.shape[0])))
+    png = False
     try:
         with Image.open(path) as image:
             mode, size = _pil_mode(image), image.size
-            if image.format == "PNG":
+            png = image.format == "PNG"
+            if png:
                 image.verify()
             else:
                 image.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise _unreadable(what, path, error) from error
+        if not png:
+            raise _unreadable(what, path, error) from error
+        _decode_png(what, path, error)
     return ImageInfo(path, mode, size)
+
+
+def _decode_png(what: str, path: str, verify_error: Exception) -> None:
+    """A PNG that failed the chunk check is accepted when its pixels decode completely, as training reads them (a
+    checksum that does not match, e.g. from a tool that rewrote a chunk, leaves the pixels intact)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:
+        raise _unreadable(what, path, error) from verify_error
 
 
 def read_image(path: str, what: str = "image") -> tuple[ImageInfo, np.ndarray]:
