@@ -244,3 +244,12 @@ def test_a_failed_tiled_tiff_write_leaves_no_file_under_the_final_name(tmp_path,
         assert not final.exists() and Path(writer.temp_path).parent == tmp_path  # only the temporary name so far
         writer.write_band(np.ones((44, 520), np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == [final.name] and tifffile.imread(final).shape == (300, 520)
+
+
+def test_scaled_integer_labels_clip_instead_of_wrapping():
+    from bundle.inference.writers import to_output_dtype
+
+    classes = np.array([[0, 1, 2]], dtype=np.uint8)
+    assert to_output_dtype(classes, np.uint8, 255).tolist() == [[0, 255, 255]]  # uint8 arithmetic gave 254 for 2
+    assert to_output_dtype(classes, np.uint16, 255).tolist() == [[0, 255, 510]]
+    assert to_output_dtype(np.array([0.25, 0.5]), np.uint8, 255).tolist() == [64, 128]  # rounded half to even

@@ -75,7 +75,7 @@ def to_output_dtype(values: np.ndarray, dtype: np.dtype | str, scale: float | No
     """``values * scale`` as ``dtype``: integer types are rounded and clipped to their range, floats cast."""
     dtype = np.dtype(dtype)
     if scale is not None and scale != 1:
-        values = values * scale
+        values = np.asarray(values, dtype=np.float64) * scale  # uint8 class 2 x 255 would wrap to 254, not clip
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
