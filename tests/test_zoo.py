@@ -39,7 +39,8 @@ TRAIN_JSON = REPO_ROOT / "configs" / "train.json"
 SCHEMA_JSON = REPO_ROOT / "docs" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"  # see docs/meta_schema.md
 CORE_PACKAGES = {"monai", "torch", "numpy"}  # versions in monai_version, pytorch_version, numpy_version
-OPTIONAL_MODULES = {"conch"}  # imported only when the user selects it (text_encoder kind "conch")
+# imported only when the user selects them (text_encoder kind "conch"; --wsi_backend cucim)
+OPTIONAL_MODULES = {"conch", "cucim"}
 IMAGE_NAME = "testA_2"  # 589 x 453 pixels
 
 
