@@ -22,15 +22,23 @@ working pixels through µm². Holes are filled within the tile's window (a hole 
 tile border stays open). Memory stays at a few tiles: nothing of slide size is allocated except the low-resolution
 tissue mask, and the polygons.
 
-Not done (yet): resuming a killed run (a restarted run starts the slide again; ``--overwrite True`` is needed for the
-slides already finished).
+Resuming (``--resume true``): while a slide runs, ``<output_dir>/.<stem>.partial/`` holds ``manifest.json`` (what
+decides the result: the slide file, level, scale, tile settings, clean-up, inferer, checkpoint file) and one
+``tile_<top>_<left>.npz`` per finished tile (its core classes, and its probabilities as the 8-bit values the
+probability TIFF stores), each written under a temporary name and renamed when complete, so a kill loses at most the
+tile in progress. A resumed run replays the stored tiles, in the same order, into fresh writers and collector and
+computes only the others, so its outputs equal an uninterrupted run's; the folder is removed when the slide's
+outputs are written. A different manifest is refused (``--overwrite True`` starts the slide again), and so is a
+leftover folder without ``--resume true``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +52,8 @@ from tqdm import tqdm
 from ..errors import BundleInputError
 from ..inference.checkpoint import CheckpointWeightsLoader
 from ..inference.cleanup import MaskCleanup
+from ..inference.writers import temporary_name, to_output_dtype
+from ..options import as_switch
 from .geojson import PolygonCollector
 from .pyramid import PyramidWriter
 from .slide import BACKENDS, GLAS_MPP, Slide, model_mpp
@@ -186,6 +196,8 @@ class SlideSegmenter:
         save_probabilities: also write ``<stem>_prob.tif``, the foreground probability ``1 - p(background)``.
         progress: a tqdm bar over the tissue tiles of each slide.
         mask_tile: tile side of the pyramidal TIFFs.
+        resume: continue slides a killed run left unfinished (their ``.<stem>.partial`` folder), skipping the slides
+            whose outputs are complete; ``True``/``False`` or the text ``"true"``/``"false"``.
     """
 
     def __init__(
@@ -212,6 +224,7 @@ class SlideSegmenter:
         save_probabilities: bool = False,
         progress: bool = True,
         mask_tile: int = 256,
+        resume: bool | str = False,
     ) -> None:
         if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 16:
             raise BundleInputError(f"--wsi_tile_size must be a whole number >= 16 (working pixels), got {tile_size!r}")
@@ -244,6 +257,9 @@ class SlideSegmenter:
         self.save_probabilities = save_probabilities
         self.progress = progress
         self.mask_tile = mask_tile
+        self.resume = as_switch(resume)
+        if not isinstance(self.resume, bool):
+            raise BundleInputError(f"--resume must be True or False, got {resume!r}")
 
     # ------------------------------------------------------------------ outputs
     def output_paths(self, slide_path: Path) -> dict[str, Path]:
@@ -253,8 +269,22 @@ class SlideSegmenter:
             paths["prob"] = self.output_dir / f"{stem}_prob.tif"
         return paths
 
+    def work_dir(self, slide_path: Path) -> Path:
+        """The hidden folder holding a slide's finished tiles while it runs (what ``resume`` continues from)."""
+        return self.output_dir / f".{Path(slide_path).stem}.partial"
+
+    def is_done(self, slide_path: Path) -> bool:
+        """All of a slide's outputs exist and no unfinished work is left: a resumed run skips it."""
+        paths = self.output_paths(slide_path).values()
+        return all(os.path.lexists(p) for p in paths) and not self.work_dir(slide_path).exists()
+
     def check_outputs(self, slides: Sequence[Path]) -> None:
-        """Refuse to start when an output exists already, unless ``overwrite`` (message as ``check_output_files``)."""
+        """Refuse to start when an output exists already, unless ``overwrite`` (message as ``check_output_files``).
+
+        With ``resume``, the outputs of a slide that has a work folder are a finish cut short and are replaced.
+        """
+        if self.resume:
+            slides = [s for s in slides if not self.work_dir(s).exists()]
         existing = [p for s in slides for p in self.output_paths(s).values() if os.path.lexists(p)]
         if existing and not self.overwrite:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -270,10 +300,16 @@ class SlideSegmenter:
         All slides are opened first, so a slide without resolution or a damaged file stops the run before any work.
         """
         slides = list_slides(self.slides_source, exclude=self.output_dir)
+        if self.resume:
+            done = [s for s in slides if self.is_done(s)]
+            for path in done:
+                print(f"{path.name}: done already (resume), skipped", flush=True)
+            slides = [s for s in slides if s not in done]
         self.check_outputs(slides)
         for path in slides:
             with Slide(path, backend=self.backend, mpp=self.mpp) as slide:
-                slide.choose_level(self.target_mpp)
+                choice = slide.choose_level(self.target_mpp)
+                self._check_work(path, self.manifest(path, slide, WorkingGrid(slide, choice.level, choice.scale)))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.weights is not None:
             self.weights.load()
@@ -314,6 +350,9 @@ class SlideSegmenter:
             )
             mpp_xy = (slide.mpp[1], slide.mpp[0])
             collector = PolygonCollector(scale=(grid.step[1], grid.step[0]), mpp=mpp_xy, min_area_px=self.min_area_px)
+            work, stored = self._open_work(path, self.manifest(path, slide, grid))
+            if stored:
+                print(f"{path.name}: resuming, {len(stored)} of {len(origins)} tiles done already", flush=True)
             writers: list[PyramidWriter] = []
             finished: list[Path] = []
             try:
@@ -329,13 +368,18 @@ class SlideSegmenter:
                     writers.append(prob_writer)
                 bar = tqdm(origins, desc=path.name, unit="tile", disable=not self.progress)
                 for top, left in bar:
-                    self._segment_tile(slide, grid, top, left, collector, mask_writer, prob_writer)
+                    tile = self._load_tile(work, top, left) if (top, left) in stored else None
+                    if tile is None:
+                        tile = self._segment_tile(slide, grid, top, left)
+                        self._save_tile(work, top, left, *tile)
+                    self._emit(grid, top, left, *tile, collector, mask_writer, prob_writer)
                 bar.close()
                 for writer in writers:
                     writer.close()
                     finished.append(Path(writer.path))
                 collector.write(outputs["geojson"])
                 finished.append(outputs["geojson"])
+                shutil.rmtree(work, ignore_errors=True)
             except BaseException:
                 for writer in writers:
                     writer.abort()
@@ -364,27 +408,159 @@ class SlideSegmenter:
             logits = self.inferer(batch, self.network)
         return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
 
-    def _segment_tile(self, slide, grid, top, left, collector, mask_writer, prob_writer) -> None:
+    def _segment_tile(self, slide, grid, top, left) -> tuple[np.ndarray, np.ndarray | None]:
+        """The core's classes (uint8, after the clean-up on the whole window) and, when saved, its foreground
+        probability as the probability TIFF's 8-bit values."""
         height, width = grid.shape
         core_h, core_w = min(self.tile_size, height - top), min(self.tile_size, width - left)
         m = self.margin
         window = grid.read(slide, top - m, left - m, core_h + 2 * m, core_w + 2 * m)
         probs = self._predict(window)
         classes = probs.argmax(dim=0).numpy().astype(np.uint8)
-        classes = np.asarray(self.cleanup(classes), dtype=np.uint8)
-        core = (m, m, m + core_h, m + core_w)
-        collector.add_mask(classes, origin=(left - m, top - m), core=core)
+        classes = np.asarray(self.cleanup(classes), dtype=np.uint8)[m : m + core_h, m : m + core_w]
+        foreground = None
+        if self.save_probabilities:
+            foreground = to_output_dtype((1.0 - probs[0]).numpy()[m : m + core_h, m : m + core_w], np.uint8, 255)
+        return np.ascontiguousarray(classes), foreground
+
+    def _emit(self, grid, top, left, classes, foreground, collector, mask_writer, prob_writer) -> None:
+        """Hand one tile's core to the collector and the writers (a computed tile or one stored by a killed run)."""
+        core_h, core_w = classes.shape
+        collector.add_mask(classes, origin=(left, top))
         # the core at level 0: the working pixel under each level-0 pixel centre
         y0, y1 = grid.level0_range(top, top + core_h, 0)
         x0, x1 = grid.level0_range(left, left + core_w, 1)
         if y1 <= y0 or x1 <= x0:
             return
-        rows = grid.working_index(y0, y1, 0) - (top - m)
-        cols = grid.working_index(x0, x1, 1) - (left - m)
+        rows = grid.working_index(y0, y1, 0) - top
+        cols = grid.working_index(x0, x1, 1) - left
         mask_writer.write(classes[np.ix_(rows, cols)], y0, x0)
         if prob_writer is not None:
-            foreground = (1.0 - probs[0]).numpy()
-            prob_writer.write(foreground[np.ix_(rows, cols)], y0, x0)
+            prob_writer.write(foreground[np.ix_(rows, cols)] / 255.0, y0, x0)  # written back as the same 8 bits
+
+    # ------------------------------------------------------------------ resuming
+    def manifest(self, path: Path, slide: Slide, grid: WorkingGrid) -> dict[str, Any]:
+        """What decides a slide's result; a killed run is resumed only when this is unchanged."""
+        stat = Path(path).stat()
+        checkpoint = None
+        if getattr(self.weights, "load_path", None) is not None:
+            ckpt = Path(self.weights.load_path)
+            ckpt_stat = ckpt.stat() if ckpt.is_file() else None
+            checkpoint = {
+                "path": str(ckpt.resolve()),
+                "size": ckpt_stat.st_size if ckpt_stat else None,
+                "mtime_ns": ckpt_stat.st_mtime_ns if ckpt_stat else None,
+            }
+        inferer = {
+            name: _plain(getattr(self.inferer, name))
+            for name in ("roi_size", "overlap", "mode", "sigma_scale", "padding_mode", "cval")
+            if hasattr(self.inferer, name)
+        }
+        return {
+            "slide": {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "slide_mpp": [float(v) for v in slide.mpp],
+            "level": grid.level,
+            "scale": grid.scale,
+            "working_shape": list(grid.shape),
+            "tile_size": self.tile_size,
+            "margin": self.margin,
+            "min_area_px": self.min_area_px,
+            "fill_holes": self.cleanup.fill_holes,
+            "num_classes": self.num_classes,
+            "save_probabilities": bool(self.save_probabilities),
+            "intensity_mean": self.mean.flatten().tolist(),
+            "intensity_std": self.std.flatten().tolist(),
+            "inferer": inferer,
+            "checkpoint": checkpoint,
+        }
+
+    def _check_work(self, path: Path, manifest: dict[str, Any]) -> bool:
+        """Whether a killed run's tiles of ``path`` are to be used; raises where the user must choose."""
+        work = self.work_dir(path)
+        if not work.exists():
+            return False
+        if not self.resume:
+            if self.overwrite:
+                return False
+            raise BundleInputError(
+                f"{work} holds a partly segmented {Path(path).name} from a killed run: pass --resume true to continue "
+                "it, or --overwrite True to start the slide again"
+            )
+        try:
+            old = json.loads((work / "manifest.json").read_text())
+        except (OSError, ValueError):
+            old = None
+        difference = _difference(old, manifest) if isinstance(old, dict) else "its manifest.json is missing or damaged"
+        if difference is None:
+            return True
+        if self.overwrite:
+            return False
+        raise BundleInputError(
+            f"cannot resume {Path(path).name}: {difference}; pass --overwrite True to start the slide again"
+        )
+
+    def _open_work(self, path: Path, manifest: dict[str, Any]) -> tuple[Path, set[tuple[int, int]]]:
+        """The slide's work folder, ready: the stored tiles ``(top, left)`` to reuse, or a fresh folder."""
+        work = self.work_dir(path)
+        if self._check_work(path, manifest):
+            stored = set()
+            for item in work.glob("tile_*_*.npz"):
+                parts = item.stem.split("_")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    stored.add((int(parts[1]), int(parts[2])))
+            return work, stored
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        _atomic_write(work / "manifest.json", json.dumps(manifest, indent=1).encode())
+        return work, set()
+
+    def _save_tile(self, work: Path, top: int, left: int, classes: np.ndarray, foreground: np.ndarray | None) -> None:
+        """Store a finished tile; the rename makes it count only once complete."""
+        arrays = {"classes": classes} if foreground is None else {"classes": classes, "foreground": foreground}
+        final = work / f"tile_{top}_{left}.npz"
+        temp = temporary_name(str(final))
+        try:
+            with open(temp, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+            os.replace(temp, final)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def _load_tile(self, work: Path, top: int, left: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A stored tile, or None (computed again) when its file cannot be read."""
+        try:
+            with np.load(work / f"tile_{top}_{left}.npz") as data:
+                classes = data["classes"]
+                foreground = data["foreground"] if self.save_probabilities else None
+        except (OSError, ValueError, KeyError, EOFError) as error:
+            logger.warning("tile (%d, %d) of %s is unreadable (%s); computing it again", top, left, work, error)
+            return None
+        return classes, foreground
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-comparable form of an inferer setting."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first setting that differs between two manifests, in words (None when they agree)."""
+    for key in new:
+        if old.get(key) != json.loads(json.dumps(new[key])):
+            return f"{key} was {json.dumps(old.get(key))} in the killed run, now {json.dumps(new[key])}"
+    return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temp = temporary_name(str(path))
+    with open(temp, "wb") as handle:
+        handle.write(data)
+    os.replace(temp, path)
 
 
 def model_mpp_from_scale(image_scale: float) -> float:
