@@ -7,6 +7,7 @@ identical on both ranks, and only rank 0 validates, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -47,8 +48,19 @@ def test_two_process_torchrun_on_cpu(tmp_path, preset):
     overrides = small_overrides(tmp_path, data, max_epochs=2, epoch_length=2, batch_size=2)
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    done = run_python(args, tmp_path, timeout=900, OMP_NUM_THREADS="1")
+    tracked = preset == "unimatch" and importlib.util.find_spec("mlflow") is not None
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"} if tracked else {}
+    done = run_python(
+        args + (["--tracking", "mlflow"] if tracked else []), tmp_path, timeout=900, OMP_NUM_THREADS="1", **env
+    )
     assert done.returncode == 0, done.stderr[-4000:]
+    if tracked:  # rank 0 alone logs: one run, each iteration once
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        (run,) = client.search_runs([client.get_experiment_by_name("pathology_mpamatch_segmentation").experiment_id])
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice")) == [1, 2]
 
     out = tmp_path / "out"
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))

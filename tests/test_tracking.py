@@ -81,3 +81,21 @@ def test_evaluation_logs_its_metrics_to_the_same_experiment(tracked, synthetic_d
     runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_id != train_run.info.run_id]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert any(name.startswith("test_") and "dice" in name for name in runs[0].data.metrics), runs[0].data.metrics
+
+
+def test_resumed_training_continues_the_same_run(tracked, synthetic_dir):
+    tmp_path, _, client, run = tracked
+    done = _bundle(
+        tmp_path, synthetic_dir, "training", ["train.json", "tiny.json"],
+        "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--tracking", "mlflow", "--resume", "true",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "out" / "mlflow_run_id.txt").read_text().strip() == run.info.run_id
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    for term in TERMS:  # iterations 3 and 4 appended to the first run's 1 and 2
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, term)) == [1, 2, 3, 4], term
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice")) == [1, 2]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    training_runs = [r for r in client.search_runs([experiment.experiment_id]) if "loss" in r.data.metrics]
+    assert [r.info.run_id for r in training_runs] == [run.info.run_id]  # no second training run
