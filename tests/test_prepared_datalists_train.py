@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from dataset_fixtures import run_cli, write_folders, write_kpi, write_monuseg
-from helpers import config_files, make_workflow, record_terms, small_overrides
+from helpers import (
+    check_losses_are_the_objective,
+    config_files,
+    hand_val_dice,
+    make_workflow,
+    record_terms,
+    small_overrides,
+)
 
 
 def prepare_kpi(tmp_path: Path, capsys) -> Path:
@@ -39,43 +45,6 @@ def prepare_folders(tmp_path: Path, capsys) -> Path:
     args = ["folders", "--images", images / "images", "--masks", images / "masks", "--output", out, "--seed", 0]
     assert run_cli(capsys, *args)[0] == 0
     return out
-
-
-def check_losses_are_the_objective(history: list[dict], parser) -> None:
-    """Each iteration's logged ``loss`` is ``a L_x + b L_u + ramp (l_img L_img + l_txt L_txt + l_align L_align)``
-    of its logged terms with the config's weights, and ``L_u`` the weighted sum of its three parts (a NaN fails)."""
-    a, b = parser.get_parsed_content("loss_weights")
-    w1, w2, wfp = parser.get_parsed_content("consistency_weights")
-    weights = {"loss_img": "image_weight", "loss_txt": "text_weight", "loss_align": "align_weight"}
-    weights = {term: parser.get_parsed_content(key) for term, key in weights.items()}
-    for terms in history:
-        total = terms["loss_x"]
-        if "loss_u" in terms:
-            parts = w1 * terms["loss_u_s1"] + w2 * terms["loss_u_s2"] + wfp * terms["loss_u_fp"]
-            assert terms["loss_u"] == pytest.approx(parts, rel=1e-5, abs=1e-7), terms
-            total = a * terms["loss_x"] + b * terms["loss_u"]
-        prototypes = sum(weight * terms[term] for term, weight in weights.items() if term in terms)
-        total += terms.get("prototype_ramp", 0.0) * prototypes
-        assert terms["loss"] == pytest.approx(total, rel=1e-5, abs=1e-6), terms
-
-
-def hand_val_dice(parser) -> float:
-    """Gland Dice of the network on the validation images, computed here (MONAI's MeanDice: the mean over the
-    images whose label has gland; the prediction is the argmax of the config's inferer)."""
-    network = parser.get_parsed_content("network").eval()
-    inferer = parser.get_parsed_content("validate#inferer")
-    device = next(network.parameters()).device
-    dices = []
-    for item in parser.get_parsed_content("validate#dataset"):
-        with torch.no_grad():
-            logits = torch.as_tensor(inferer(item["image"][None].to(device), network))
-        pred = logits[0].argmax(0).cpu().numpy() == 1
-        gt = np.asarray(item["label"])[0] == 1
-        assert pred.shape == gt.shape
-        if gt.any():
-            dices.append(2 * np.sum(pred & gt) / (np.sum(pred) + np.sum(gt)))
-    assert dices, "no validation label holds the foreground class"
-    return float(np.mean(dices))
 
 
 @pytest.mark.parametrize("prepare", [prepare_kpi, prepare_monuseg, prepare_folders], ids=["kpi", "monuseg", "folders"])
