@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 
 from benchmarks import wsi
+
+
+def windows_along(extent: int, roi: int, stride: int) -> int:
+    """MONAI's sliding windows along one axis of ``extent`` pixels (an image below the window is padded to it)."""
+    return math.ceil(max(extent - roi, 0) / stride) + 1
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +38,19 @@ def test_rates_and_speedup_follow_from_the_seconds(figures):
         assert run["methods"]["wsi"]["geojson_mb"] > 0
         wsi_run = run["methods"]["wsi"]
         assert run["tile_bound"] == pytest.approx(wsi_run["total"] / wsi_run["segmented"])
+        # network windows, counted by a hook, against MONAI's window grid counted by hand: the WSI path's tile windows
+        # carry the margin on every side (white off the slide), the block path's are clipped at the image's edge; the
+        # WSI path's computed and skipped glass windows add up to its tiles' windows (here every tile has tissue)
+        whole_windows = run["methods"]["whole"]["windows"]
+        assert run["window_bound"] == pytest.approx(whole_windows / wsi_run["windows"])
+        roi, stride, side = figures["roi"], int(figures["roi"] * (1 - figures["overlap"])), run["height"] // 2
+        per_axis = functools.partial(windows_along, roi=roi, stride=stride)
+        starts = range(0, side, wsi.WORK_TILE)
+        tiles = sum(per_axis(min(wsi.WORK_TILE, side - t) + 2 * wsi.MARGIN) for t in starts) ** 2
+        blocks = sum(per_axis(min(t + wsi.WORK_TILE + wsi.MARGIN, side) - max(t - wsi.MARGIN, 0)) for t in starts) ** 2
+        assert wsi_run["segmented"] == wsi_run["total"]
+        assert wsi_run["windows"] + wsi_run["glass_windows"] == tiles and whole_windows == blocks
+        assert wsi_run["glass_windows"] > 0 and run["window_bound"] > 1
         # the whole-slide path runs every block of the working grid (level 1: half the level-0 side)
         side = math.ceil(run["height"] / 2 / wsi.WORK_TILE) * math.ceil(run["width"] / 2 / wsi.WORK_TILE)
         assert run["methods"]["whole"]["total"] == side == run["methods"]["wsi"]["total"]

@@ -128,25 +128,40 @@ def workflow(case, output_dir, **overrides) -> ConfigWorkflow:
     return flow
 
 
-@pytest.fixture(scope="module")
-def result(case):
-    """One in-process run of the config, the inferer wrapped to count the tiles it is called on."""
-    out = case["folder"] / "out"
-    flow = workflow(case, out)
+def counted_run(case, out, **overrides) -> dict:
+    """One in-process run of the config, the inferers wrapped to count the tiles they are called on and the network
+    hooked to count the windows it runs."""
+    flow = workflow(case, out, **overrides)
     segmenter = flow.parser.get_parsed_content("wsi_segmenter")
-    calls = []
-    inner = segmenter.inferer
+    calls, windows = [], []
+    segmenter.network.register_forward_hook(lambda module, args, output: windows.append(args[0].shape[0]))
+    for name in ("inferer", "glass_inferer"):
+        inner = getattr(segmenter, name)
+        if inner is not None:
 
-    def counting(batch, network):
-        calls.append(tuple(batch.shape))
-        return inner(batch, network)
+            def counting(batch, predictor, inner=inner):
+                calls.append(tuple(batch.shape))
+                return inner(batch, predictor)
 
-    segmenter.inferer = counting
+            setattr(segmenter, name, counting)
     started = time.perf_counter()
     summaries = segmenter.run()
     seconds = time.perf_counter() - started
     print(f"\nsegmented the test slide in {seconds:.1f} s ({summaries[0]['seconds']:.1f} s inside segment)")
-    return {"out": out, "summary": summaries[0], "calls": calls, "flow": flow, "segmenter": segmenter}
+    summary = summaries[0]
+    return {
+        "out": out,
+        "summary": summary,
+        "calls": calls,
+        "windows": sum(windows),
+        "flow": flow,
+        "segmenter": segmenter,
+    }
+
+
+@pytest.fixture(scope="module")
+def result(case):
+    return counted_run(case, case["folder"] / "out")
 
 
 def features(path) -> list[dict]:
@@ -167,6 +182,27 @@ def test_level_choice_and_tile_selection(case, result):
     assert len(result["calls"]) == len(selection.boxes)
     assert all(shape[-2:] <= (TILE + 2 * MARGIN,) * 2 for shape in result["calls"])
     assert (result["out"] / "glas_mask.tif").is_file() and (result["out"] / "glas.geojson").is_file()
+
+
+def test_glass_windows_are_skipped_without_changing_the_result(case, result):
+    """With ``wsi_skip_glass`` (the default) the network runs on fewer windows - the ones the summary counts as
+    computed - and the mask and polygons equal those of a run over every window of the tissue tiles."""
+    every = counted_run(case, case["folder"] / "every_window", wsi_skip_glass=False)
+    assert every["segmenter"].glass_inferer is None and every["summary"]["windows"] == {"computed": 0, "skipped": 0}
+    counted = result["summary"]["windows"]
+    assert result["windows"] == counted["computed"] > 0 and counted["skipped"] > 0
+    assert counted["computed"] + counted["skipped"] == every["windows"]  # the same windows, some skipped
+    assert len(every["calls"]) == len(result["calls"])  # the same tiles
+    with (
+        tifffile.TiffFile(every["out"] / "glas_mask.tif") as a,
+        tifffile.TiffFile(result["out"] / "glas_mask.tif") as b,
+    ):
+        np.testing.assert_array_equal(a.asarray(), b.asarray())
+
+    def geometries(path):
+        return sorted(json.dumps(f["geometry"], sort_keys=True) for f in features(path))
+
+    assert geometries(every["out"] / "glas.geojson") == geometries(result["out"] / "glas.geojson")
 
 
 def test_polygons_match_the_expected_mask(case, result):

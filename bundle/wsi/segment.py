@@ -55,6 +55,7 @@ from ..inference.cleanup import MaskCleanup
 from ..inference.writers import temporary_name, to_output_dtype
 from ..options import as_switch
 from .geojson import PolygonCollector
+from .glass_windows import GlassWindowPredictor, coordinate_inferer
 from .pyramid import PyramidWriter
 from .slide import BACKENDS, GLAS_MPP, Slide, model_mpp
 from .tissue import TileSelection, detect_tissue
@@ -198,6 +199,8 @@ class SlideSegmenter:
         mask_tile: tile side of the pyramidal TIFFs.
         resume: continue slides a killed run left unfinished (their ``.<stem>.partial`` folder), skipping the slides
             whose outputs are complete; ``True``/``False`` or the text ``"true"``/``"false"``.
+        skip_glass: inside a tissue tile, run the network only on the sliding windows that touch tissue (the others
+            are background; :mod:`bundle.wsi.glass_windows`); needs a plain ``SlidingWindowInferer``.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class SlideSegmenter:
         progress: bool = True,
         mask_tile: int = 256,
         resume: bool | str = False,
+        skip_glass: bool | str = True,
     ) -> None:
         if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 16:
             raise BundleInputError(f"--wsi_tile_size must be a whole number >= 16 (working pixels), got {tile_size!r}")
@@ -260,6 +264,13 @@ class SlideSegmenter:
         self.resume = as_switch(resume)
         if not isinstance(self.resume, bool):
             raise BundleInputError(f"--resume must be True or False, got {resume!r}")
+        self.skip_glass = as_switch(skip_glass)
+        if not isinstance(self.skip_glass, bool):
+            raise BundleInputError(f"--wsi_skip_glass must be True or False, got {skip_glass!r}")
+        self.glass_inferer = coordinate_inferer(inferer) if self.skip_glass else None
+        self.window_roi = getattr(self.glass_inferer, "roi_size", None)
+        if self.skip_glass and self.glass_inferer is None:
+            logger.warning("--wsi_skip_glass: the inferer is not a plain SlidingWindowInferer; every window is run")
 
     # ------------------------------------------------------------------ outputs
     def output_paths(self, slide_path: Path) -> dict[str, Path]:
@@ -367,13 +378,21 @@ class SlideSegmenter:
                     )
                     writers.append(prob_writer)
                 bar = tqdm(origins, desc=path.name, unit="tile", disable=not self.progress)
+                windows = [0, 0]  # computed, skipped as glass
                 for top, left in bar:
                     tile = self._load_tile(work, top, left) if (top, left) in stored else None
                     if tile is None:
-                        tile = self._segment_tile(slide, grid, top, left)
+                        tile = self._segment_tile(slide, grid, top, left, tissue, windows)
                         self._save_tile(work, top, left, *tile)
                     self._emit(grid, top, left, *tile, collector, mask_writer, prob_writer)
                 bar.close()
+                if windows[1]:
+                    share = 100 * windows[1] / sum(windows)
+                    print(
+                        f"{path.name}: {windows[1]} of {sum(windows)} windows in the tissue tiles were glass and "
+                        f"skipped ({share:.0f} %)",
+                        flush=True,
+                    )
                 for writer in writers:
                     writer.close()
                     finished.append(Path(writer.path))
@@ -395,27 +414,49 @@ class SlideSegmenter:
             "working_shape": grid.shape,
             "tissue_fraction": tissue.fraction,
             "selection": selection,
+            "windows": {"computed": windows[0], "skipped": windows[1]},
             "seconds": seconds,
             **{name: str(p) for name, p in outputs.items()},
         }
 
-    def _predict(self, window: np.ndarray) -> torch.Tensor:
+    def _predict(self, window: np.ndarray, predictor: GlassWindowPredictor | None = None) -> torch.Tensor:
         """Softmax probabilities ``[C, h, w]`` (float32, CPU) of a working window ``(h, w, 3)`` in 0..255."""
         batch = torch.from_numpy(window).permute(2, 0, 1)[None] / 255.0
         batch = ((batch - self.mean) / self.std).to(self.device)
         autocast = self.amp and self.device.type == "cuda"
         with torch.no_grad(), torch.autocast(self.device.type, enabled=autocast):
-            logits = self.inferer(batch, self.network)
+            if predictor is None:
+                logits = self.inferer(batch, self.network)
+            else:
+                logits = self.glass_inferer(batch, predictor)
         return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
 
-    def _segment_tile(self, slide, grid, top, left) -> tuple[np.ndarray, np.ndarray | None]:
+    def _glass_predictor(self, grid, tissue, top: int, left: int, shape) -> GlassWindowPredictor | None:
+        """The predictor that skips the glass windows of the tile window at working ``(top, left)``."""
+        if self.glass_inferer is None or tissue is None:
+            return None
+        # two tissue-mask pixels of slack: the low-resolution mask may miss a section's faint edge
+        margin = int(math.ceil(2 * max(tissue.downsample)))
+
+        def touches_tissue(y0: int, x0: int, y1: int, x1: int) -> bool:
+            r0, r1 = grid.level0_range(top + y0, top + y1, 0)
+            c0, c1 = grid.level0_range(left + x0, left + x1, 1)
+            return r1 > r0 and c1 > c0 and tissue.has_tissue(r0, c0, r1 - r0, c1 - c0, margin)
+
+        return GlassWindowPredictor(self.network, touches_tissue, shape, self.window_roi, self.num_classes)
+
+    def _segment_tile(self, slide, grid, top, left, tissue=None, windows=None) -> tuple[np.ndarray, np.ndarray | None]:
         """The core's classes (uint8, after the clean-up on the whole window) and, when saved, its foreground
-        probability as the probability TIFF's 8-bit values."""
+        probability as the probability TIFF's 8-bit values; ``windows`` counts computed and skipped windows."""
         height, width = grid.shape
         core_h, core_w = min(self.tile_size, height - top), min(self.tile_size, width - left)
         m = self.margin
         window = grid.read(slide, top - m, left - m, core_h + 2 * m, core_w + 2 * m)
-        probs = self._predict(window)
+        predictor = self._glass_predictor(grid, tissue, top - m, left - m, window.shape[:2])
+        probs = self._predict(window, predictor)
+        if predictor is not None and windows is not None:
+            windows[0] += predictor.computed
+            windows[1] += predictor.skipped
         classes = probs.argmax(dim=0).numpy().astype(np.uint8)
         classes = np.asarray(self.cleanup(classes), dtype=np.uint8)[m : m + core_h, m : m + core_w]
         foreground = None
@@ -464,6 +505,7 @@ class SlideSegmenter:
             "working_shape": list(grid.shape),
             "tile_size": self.tile_size,
             "margin": self.margin,
+            "skip_glass": self.glass_inferer is not None,
             "min_area_px": self.min_area_px,
             "fill_holes": self.cleanup.fill_holes,
             "num_classes": self.num_classes,
