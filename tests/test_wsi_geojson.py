@@ -4,6 +4,7 @@ feature layout, merging across tiles, all-or-nothing writes, and a round trip on
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -333,11 +334,11 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     path = tmp_path / "slide.geojson"
     features = mask_to_features(blobs(seed=17))
 
-    def full_disk(obj, handle, **kwargs):
-        handle.write('{"type": "FeatureCollection", "features": [')
+    def full_disk(fd):  # the text is in the temporary file; flushing it to disk fails
+        assert os.fstat(fd).st_size > 0
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(geojson.json, "dump", full_disk)
+    monkeypatch.setattr(geojson.os, "fsync", full_disk)
     with pytest.raises(BundleInputError, match="slide.geojson"):
         write_feature_collection(features, path)
     assert list(tmp_path.iterdir()) == []

@@ -45,12 +45,12 @@ from .regions import RegionReader, open_region_reader
 from .skipping import SkippedImages, UnreadableImage, skipping
 from .writers import OutputFolderLayout, TiledTiffWriter, to_output_dtype, write_map
 
-__all__ = ["LargeImageSegmenter"]
+__all__ = ["LargeImageSegmenter", "first_argmax"]
 
 logger = logging.getLogger(__name__)
 
 
-def _first_argmax(values: torch.Tensor) -> torch.Tensor:
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
     """``argmax`` over dim 0 of [C, H, W] (first index on ties), as C vectorised comparisons: torch's reduction
     over the leading, strided dimension is several times slower on CPU."""
     best, index = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.uint8)
@@ -247,9 +247,9 @@ class LargeImageSegmenter:
                         probs = self._predict_block(window, path)
                         core = (slice(top - y0, top - y0 + band_height), slice(left - x0, left - x0 + block_width))
                         if self.cleanup is not None and self.cleanup.enabled:  # judged with the margin's context
-                            classes = self.cleanup(_first_argmax(probs).numpy())[core]
+                            classes = self.cleanup(first_argmax(probs).numpy())[core]
                         else:
-                            classes = _first_argmax(probs[(slice(None),) + core]).numpy()
+                            classes = first_argmax(probs[(slice(None),) + core]).numpy()
                         probs = probs[(slice(None),) + core]
                         mask_band[:, left : left + block_width] = to_output_dtype(classes, np.uint8, self.mask_scale)
                         if self.save_probabilities:

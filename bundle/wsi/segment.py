@@ -52,6 +52,7 @@ from tqdm import tqdm
 from ..errors import BundleInputError
 from ..inference.checkpoint import CheckpointWeightsLoader
 from ..inference.cleanup import MaskCleanup
+from ..inference.large_images import first_argmax
 from ..inference.writers import temporary_name, to_output_dtype
 from ..options import as_switch
 from .geojson import PolygonCollector
@@ -457,7 +458,7 @@ class SlideSegmenter:
         if predictor is not None and windows is not None:
             windows[0] += predictor.computed
             windows[1] += predictor.skipped
-        classes = probs.argmax(dim=0).numpy().astype(np.uint8)
+        classes = first_argmax(probs).numpy()
         classes = np.asarray(self.cleanup(classes), dtype=np.uint8)[m : m + core_h, m : m + core_w]
         foreground = None
         if self.save_probabilities:
