@@ -9,6 +9,8 @@ equal to the arrays written (a flipped axis or a location in the level's own pix
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import openslide
 import pytest
@@ -201,3 +203,13 @@ def test_bad_level_and_missing_file(slides, tmp_path):
         Slide(tmp_path / "missing.svs")
     with pytest.raises(BundleInputError, match="backend"):
         Slide(slides["paths"]["glas"], backend="pillow")
+
+
+def test_cucim_backend_without_cucim_names_it(slides, monkeypatch):
+    """``--wsi_backend cucim`` where cuCIM is not installed (a CPU machine): one line naming the package and the
+    backends that work, before MONAI's reader is built."""
+    monkeypatch.setitem(sys.modules, "cucim", None)  # import cucim -> ImportError, installed or not
+    with pytest.raises(BundleInputError) as error:
+        Slide(slides["paths"]["glas"], backend="cucim")
+    assert "needs the cucim package" in str(error.value) and "'openslide' or 'auto'" in str(error.value)
+    assert "\n" not in str(error.value)
