@@ -26,6 +26,7 @@ __all__ = [
     "RUN_ARGUMENTS",
     "as_switch",
     "check_overrides",
+    "check_supervised_warmup",
     "check_values",
     "check_writable_dirs",
     "command_line_overrides",
@@ -189,6 +190,16 @@ def check_values(
                     f"--{name} has {len(names)} entries but --num_classes is {num_classes}: give one per class "
                     "(background first)"
                 )
+
+
+def check_supervised_warmup(iterations: Any, max_epochs: Any, epoch_length: Any, semi_supervised: Any) -> None:
+    """A supervised warm-up shorter than the run, when it has unlabelled data: otherwise no iteration would use it."""
+    total = max_epochs * epoch_length if _whole(max_epochs) and _whole(epoch_length) else None
+    if semi_supervised and _whole(iterations) and total and iterations >= total:
+        raise BundleInputError(
+            f"--supervised_warmup_iterations {iterations} leaves no semi-supervised iteration: the run has {total} "
+            "(max_epochs x epoch_length); give fewer, or train the supervised preset"
+        )
 
 
 def check_device(device: Any) -> None:

@@ -135,6 +135,11 @@ def test_devices_the_machine_lacks_are_refused():
         ("train.json", ["--learning_rate", "nan"], "error: --learning_rate must be a number > 0, got 'nan'"),
         ("train.json", ["--num_classes", "3"], "error: --class_names has 2 entries but --num_classes is 3"),
         ("train.json", ["--device", "gpu"], "error: --device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (
+            "train.json",
+            ["--max_epochs", "2", "--epoch_length", "3", "--supervised_warmup_iterations", "6"],
+            "error: --supervised_warmup_iterations 6 leaves no semi-supervised iteration: the run has 6",
+        ),
         ("inference.json", ["--sw_batch_size", "0"], "error: --sw_batch_size must be a whole number >= 1, got 0"),
         ("inference.json", ["--output_dri", "x"], "error: --output_dri is not an option of inference.json; did you"),
     ],

@@ -8,6 +8,7 @@ pixels update the image prototype bank, and that the configs' window overlap rea
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
@@ -15,7 +16,9 @@ from monai.bundle import ConfigParser
 
 from bundle.engine.cutmix import CutMix
 from bundle.engine.trainer import SemiSupervisedTrainer
+from bundle.errors import BundleInputError
 from bundle.losses import ImagePrototypeBank, MPAMatchLoss, StepOutputs
+from bundle.options import check_supervised_warmup
 
 CLASSES = 8
 SIZE = 16
@@ -78,9 +81,10 @@ class Recording(torch.nn.Module):
         return {"loss": loss}
 
 
-def trainer(network, loss, unlabelled: list[dict], cutmix=None, source="rolled", epochs=1, length=1):
+def trainer(network, loss, unlabelled: list[dict], cutmix=None, source="rolled", epochs=1, length=1, warmup=0):
     labelled = [{"image": images([7]), "label": torch.full((1, 1, SIZE, SIZE), 7)}] * length
     return SemiSupervisedTrainer(
+        supervised_warmup_iterations=warmup,
         device="cpu",
         max_epochs=epochs,
         epoch_length=length,
@@ -179,6 +183,36 @@ def test_threshold_ramp_follows_the_trainers_iterations_across_epochs():
     engine.run()
     assert loss.iterations == [1, 2, 3, 4, 5, 6]
     assert [round(terms["threshold"], 6) for terms in logged] == [0.6, 0.7, 0.8, 0.9, 0.9, 0.9]
+
+
+def test_supervised_warmup_trains_on_labelled_batches_then_starts_the_ramps_at_the_first_semi_iteration():
+    inner = MPAMatchLoss(
+        num_classes=CLASSES,
+        confidence_threshold=0.9,
+        threshold_start=0.5,
+        threshold_warmup_iterations=4,
+        image_weight=0.0,
+        text_weight=0.0,
+    )
+    network, loss = IdNetwork(), Recording(inner)
+    engine = trainer(network, loss, [unlabelled_batch([0, 1, 2])], epochs=2, length=3, warmup=4)
+    logged = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(e.state.output["loss_terms"]))
+    engine.run()
+    # iterations 1-4: the labelled image (id 7) alone, one forward pass each; 5-6: labelled + weak, then strong views
+    assert [call["ids"] for call in network.calls[:4]] == [[7.0]] * 4
+    assert [call["ids"] for call in network.calls[4:]] == [[7.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0] * 2] * 2
+    assert [step.semi_supervised for step in loss.steps] == [False] * 4 + [True] * 2
+    assert loss.iterations == [-3, -2, -1, 0, 1, 2]  # the loss's warm-ups count from the first semi iteration
+    assert [round(terms["threshold"], 6) for terms in logged[4:]] == [0.6, 0.7]
+
+
+def test_supervised_warmup_as_long_as_the_run_is_refused():
+    with pytest.raises(BundleInputError, match="supervised_warmup_iterations 6 leaves no semi-supervised iteration"):
+        trainer(IdNetwork(), Recording(), [unlabelled_batch([0])], epochs=2, length=3, warmup=6)
+    trainer(IdNetwork(), Recording(), [], epochs=2, length=3, warmup=6)  # no unlabelled data: supervised anyway
+    check_supervised_warmup(6, 2, 3, semi_supervised=False)  # the supervised preset (use_unlabeled false)
+    check_supervised_warmup(5, 2, 3, semi_supervised=True)
 
 
 def unit(*vector: float) -> torch.Tensor:
