@@ -37,13 +37,22 @@ class IdNetwork(torch.nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, x: torch.Tensor, perturb_from: int | None = None, return_embedding: bool = False):
-        self.calls.append({"ids": x[:, 0, 0, 0].tolist(), "training": self.training, "grad": torch.is_grad_enabled()})
+        self.calls.append(
+            {
+                "ids": x[:, 0, 0, 0].tolist(),
+                "training": self.training,
+                "grad": torch.is_grad_enabled(),
+                "embedding": return_embedding,
+            }
+        )
         classes = torch.arange(CLASSES, dtype=x.dtype).view(1, CLASSES, 1, 1)
         logits = -10 * (x[:, :1] - classes) ** 2 + self.bias.view(1, CLASSES, 1, 1)
         logits = logits + self.norm_weight * self.norm(x).mean(1, keepdim=True)
         if perturb_from is None and not return_embedding:
             return logits
         out = {"logits": logits}
+        if return_embedding:  # unit vectors along channel 0, at a quarter of the resolution (as the TransUNet's)
+            out["embedding"] = F.normalize(F.avg_pool2d(x, 4) + self.bias[:3].view(1, 3, 1, 1) + 1e-3, dim=1)
         if perturb_from is not None:
             out["logits_fp"] = logits[perturb_from:] * 1.0
         return out
@@ -64,11 +73,10 @@ def unlabelled_batch(ids: list[int]) -> dict:
 class Recording(torch.nn.Module):
     """A loss function that keeps every iteration's StepOutputs and the iteration it was called with."""
 
-    needs_embedding = False
-
     def __init__(self, inner: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.inner = inner
+        self.needs_embedding = bool(getattr(inner, "needs_embedding", False))
         self.steps: list[StepOutputs] = []
         self.iterations: list[int] = []
 
@@ -134,7 +142,7 @@ def test_cutmix_from_another_batch_predicts_it_in_eval_mode_without_gradients():
     trainer(network, loss, batches, cutmix=CutMix(prob=1.0, area=(0.1, 0.4)), source="batch").run()
     step = loss.steps[0]
     source_call = [call for call in network.calls if call["ids"] == [4.0, 5.0, 6.0]]
-    assert source_call == [{"ids": [4.0, 5.0, 6.0], "training": False, "grad": False}]
+    assert source_call == [{"ids": [4.0, 5.0, 6.0], "training": False, "grad": False, "embedding": False}]
     for pseudo in (step.pseudo_s1, step.pseudo_s2):
         for sample in range(3):
             values = set(pseudo[sample].unique().tolist())
@@ -186,25 +194,35 @@ def test_threshold_ramp_follows_the_trainers_iterations_across_epochs():
 
 
 def test_supervised_warmup_trains_on_labelled_batches_then_starts_the_ramps_at_the_first_semi_iteration():
+    bank = ImagePrototypeBank(num_classes=CLASSES, embedding_dim=3)
     inner = MPAMatchLoss(
         num_classes=CLASSES,
         confidence_threshold=0.9,
         threshold_start=0.5,
         threshold_warmup_iterations=4,
-        image_weight=0.0,
+        image_prototypes=bank,
+        image_weight=1.0,
         text_weight=0.0,
+        prototype_warmup_iterations=2,
     )
     network, loss = IdNetwork(), Recording(inner)
     engine = trainer(network, loss, [unlabelled_batch([0, 1, 2])], epochs=2, length=3, warmup=4)
-    logged = []
+    logged, bank_ready = [], []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(e.state.output["loss_terms"]))
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: bank_ready.append(bank.initialized.sum().item()))
     engine.run()
-    # iterations 1-4: the labelled image (id 7) alone, one forward pass each; 5-6: labelled + weak, then strong views
-    assert [call["ids"] for call in network.calls[:4]] == [[7.0]] * 4
+    # iterations 1-4: the labelled image (id 7) alone, one forward pass each, no embedding asked for (the cost of a
+    # supervised iteration); 5-6: labelled + weak with embeddings, then the strong views
+    assert [(call["ids"], call["embedding"]) for call in network.calls[:4]] == [([7.0], False)] * 4
     assert [call["ids"] for call in network.calls[4:]] == [[7.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0] * 2] * 2
+    assert all(call["embedding"] for call in network.calls[4:])
     assert [step.semi_supervised for step in loss.steps] == [False] * 4 + [True] * 2
     assert loss.iterations == [-3, -2, -1, 0, 1, 2]  # the loss's warm-ups count from the first semi iteration
     assert [round(terms["threshold"], 6) for terms in logged[4:]] == [0.6, 0.7]
+    # the prototype terms and the bank start with the first semi-supervised iteration, ramped 1/2, then 2/2
+    assert ["loss_img" in terms for terms in logged] == [False] * 4 + [True] * 2
+    assert [terms["prototype_ramp"] for terms in logged[4:]] == [0.5, 1.0]
+    assert bank_ready == [0] * 4 + [4, 4]  # classes 7 (labelled), 0, 1, 2 (reliable weak pixels)
 
 
 def test_supervised_warmup_as_long_as_the_run_is_refused():

@@ -118,9 +118,10 @@ class SemiSupervisedTrainer(Trainer):
             transform of both loaders' datasets are reset from ``(seed, epoch)``; both loaders restart every epoch.
         last_checkpoint: the resumable checkpoint the run writes, named in the error when the loss stops being
             finite.
-        supervised_warmup_iterations: the first iterations train on labelled batches alone (about a fifth of the
-            cost of a semi-supervised one on a CPU), so that the pseudo-labels start from a trained teacher; the
-            loss's warm-ups (threshold, prototype weights) count from the first semi-supervised iteration.
+        supervised_warmup_iterations: the first iterations are supervised preset iterations, ``L_x`` on labelled
+            batches alone (about a fifth of the cost of a semi-supervised one on a CPU), so that the pseudo-labels
+            start from a trained network; the loss is called with the iteration counted from the first
+            semi-supervised one, so its warm-ups (threshold, prototype terms and bank) start there.
     """
 
     def __init__(
@@ -293,20 +294,20 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         images, labels = _plain(batch[0]), _plain(batch[1])
-        semi = engine.semi_supervised and engine.state.iteration > engine.supervised_warmup_iterations
-        unlabeled = engine._next_unlabeled() if semi else None
+        warmup = engine.supervised_warmup_iterations if engine.semi_supervised else 0
+        warming = engine.state.iteration <= warmup
+        unlabeled = engine._next_unlabeled() if engine.semi_supervised and not warming else None
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: labels}
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         autocast = torch.autocast(engine.state.device.type, **engine.amp_kwargs) if engine.amp else nullcontext()
         with autocast:
-            if unlabeled is None:
-                step = engine._supervised_forward(images, labels)
+            if unlabeled is None:  # no embedding in warm-up iterations: the loss's prototype terms start after it
+                step = engine._supervised_forward(images, labels, embedding=not warming)
             else:
                 step = engine._semi_supervised_forward(images, labels, unlabeled)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        warmup = engine.supervised_warmup_iterations if engine.semi_supervised else 0
         terms = engine.loss_function(step, engine.state.iteration - warmup)
         loss = terms["loss"]
         engine.state.output[Keys.PRED] = step.logits_x.detach()
@@ -334,8 +335,8 @@ class SemiSupervisedTrainer(Trainer):
         out = self._forward(images, **kwargs)
         return out if isinstance(out, dict) else {"logits": out}
 
-    def _supervised_forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutputs:
-        out = self._forward_dict(images, return_embedding=self.loss_function.needs_embedding)
+    def _supervised_forward(self, images: torch.Tensor, labels: torch.Tensor, embedding: bool = True) -> StepOutputs:
+        out = self._forward_dict(images, return_embedding=embedding and self.loss_function.needs_embedding)
         return StepOutputs(logits_x=out["logits"], label_x=labels, embedding_x=out.get("embedding"))
 
     def _semi_supervised_forward(self, images: torch.Tensor, labels: torch.Tensor, unlabeled: dict) -> StepOutputs:

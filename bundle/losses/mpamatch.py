@@ -170,7 +170,7 @@ class MPAMatchLoss(nn.Module):
             terms["threshold"] = terms["loss_x"].new_tensor(tau)  # on the device: logged with the others
         else:
             total = terms["loss_x"]
-        if self.needs_embedding:
+        if self.needs_embedding and iteration > 0:  # iteration <= 0: the trainer's supervised warm-up, L_x alone
             prototype_total = self._prototype_terms(out, label_x, tau, terms)
             ramp = self.prototype_ramp(iteration)
             terms["prototype_ramp"] = terms["loss_x"].new_tensor(ramp)
