@@ -89,8 +89,9 @@ TABLE_METRICS = {
 RECORD_METRICS = tuple(TABLE_METRICS) + ("mjaccard", "pooled_mjaccard")
 CPU_DEFAULTS = {"iterations": 600, "val_every": 50, "patch_size": None, "seeds": [0, 1, 2]}
 GPU_DEFAULTS = {"iterations": 8000, "val_every": 500, "patch_size": 256, "seeds": [0, 1, 2]}
-# per run: training wall and CPU seconds (start-up and validations included), median seconds per iteration, evaluation
-TIMINGS = ("train_wall_s", "train_cpu_s", "s_per_iteration", "eval_wall_s", "eval_cpu_s")
+# per run: training wall and CPU seconds (start-up and validations included), median seconds per iteration, the
+# seconds of the training iterations alone (see iteration_seconds), evaluation
+TIMINGS = ("train_wall_s", "train_cpu_s", "s_per_iteration", "iteration_s", "eval_wall_s", "eval_cpu_s")
 SETTINGS_FILE = "settings.json"
 TRAIN_RECORD = "train_time.json"
 EVAL_RECORD = "eval_time.json"
@@ -340,6 +341,7 @@ def run_one(
         "train_wall_s": train_record["wall_s"],
         "train_cpu_s": train_record["cpu_s"],
         "s_per_iteration": median_step_seconds(scalars.get("loss_x", {})),
+        "iteration_s": iteration_seconds(scalars.get("loss_x", {}), args.val_every),
         "eval_wall_s": eval_record["wall_s"],
         "eval_cpu_s": eval_record["cpu_s"],
         "test_images": metrics["num_images"],
@@ -379,6 +381,20 @@ def median_step_seconds(events: dict[int, tuple[float, float]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- summary
+def iteration_seconds(events: dict[int, tuple[float, float]], val_every: int) -> float:
+    """Seconds of a run's training iterations alone, the time to compare at equal training time: the sum of the gaps
+    between consecutive iterations, where the first iteration and each gap that spans a validation (after every
+    ``val_every``-th iteration) count as the median gap. Unlike ``iterations x s_per_iteration`` it holds for a
+    schedule whose iterations differ in cost (``supervised_warmup_iterations``)."""
+    steps = sorted(events)
+    gaps = {b: events[b][0] - events[a][0] for a, b in zip(steps, steps[1:]) if b == a + 1}
+    if not gaps:
+        return math.nan
+    median = statistics.median(gaps.values())
+    counted = [median if (step - 1) % val_every == 0 else gaps.get(step, median) for step in steps]
+    return math.fsum(counted)
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -401,8 +417,8 @@ def summarise(records: list[dict]) -> list[dict]:
             row["postprocessing"] = runs[0]["postprocessing"]
             for key in RECORD_METRICS:
                 row[key] = spread([r[key] for r in runs])
-            for key in TIMINGS:
-                row[key] = statistics.fmean(r[key] for r in runs)
+            for key in TIMINGS:  # runs recorded before a timing existed lack it: nan
+                row[key] = statistics.fmean(as_number(r.get(key)) for r in runs)
             rows.append(row)
     return rows
 
@@ -423,12 +439,13 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
         "per-image means, pooled ones pool every pixel of the test set (the UniMatch-family convention). Wall and CPU "
         "time: one training run (start-up and validations included; CPU time is the process's, all threads, and "
         "is less changed than wall time by other work on the machine); s / it: median seconds per training "
-        "iteration.",
+        "iteration; iteration time: the training iterations alone (no start-up, no validation), the time to compare "
+        "at equal training time.",
         "",
         "| split | preset | seeds | iterations | "
         + " | ".join(TABLE_METRICS.values())
-        + " | wall time / run | CPU time / run | s / it |",
-        "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|",
+        + " | wall time / run | CPU time / run | iteration time / run | s / it |",
+        "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|---|",
     ]
     for row in rows:
         scores = [f"{row[key]['mean']:.4f} ± {row[key]['std']:.4f}" for key in TABLE_METRICS]
@@ -436,6 +453,7 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
             f"| {row['split']} % | {row['preset']} | {len(row['seeds'])} | {row['iterations']} | "
             + " | ".join(scores)
             + f" | {row['train_wall_s'] / 60:.1f} min | {row['train_cpu_s'] / 60:.1f} min"
+            + (f" | {row['iteration_s'] / 60:.1f} min" if math.isfinite(row["iteration_s"]) else " | n/a")
             + f" | {row['s_per_iteration']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -476,8 +494,9 @@ def relative(path: str, root: Path) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """Every row's columns in first-seen order (runs recorded by an older script lack the newer columns: empty)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows({k: format(v, ".6g") if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
@@ -564,6 +583,11 @@ def as_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def as_number(value: Any) -> float:
+    """A timing as a float; missing (a run recorded before the timing existed) or empty: nan."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def earlier_runs(args: argparse.Namespace) -> dict[tuple[int, int, str], dict]:

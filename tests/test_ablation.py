@@ -26,6 +26,17 @@ def ablation():
 
 
 @pytest.mark.slow
+def test_iteration_time_counts_the_iterations_and_not_the_validations(ablation):
+    # iterations 1-6, validation after every 3rd: the gap from 3 to 4 (8 s) holds a validation
+    events = {step: (wall, 0.5) for step, wall in zip(range(1, 7), [0.0, 1.0, 2.0, 10.0, 11.5, 13.0])}
+    # gaps 1, 1, 8, 1.5, 1.5 (median 1.5); the first iteration and the validation gap count as 1.5 each
+    assert ablation.iteration_seconds(events, val_every=3) == pytest.approx(1.5 + 1 + 1 + 1.5 + 1.5 + 1.5)
+    assert math.isnan(ablation.iteration_seconds({1: (0.0, 0.5)}, val_every=3))
+    # a schedule whose first iterations are cheap (a supervised warm-up): not iterations x median
+    cheap_then_dear = {step: (wall, 0.5) for step, wall in zip(range(1, 6), [0.0, 0.2, 0.4, 0.6, 1.6])}
+    assert ablation.iteration_seconds(cheap_then_dear, val_every=10) == pytest.approx(0.2 + 0.2 * 3 + 1.0)
+
+
 def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir, ablation, capsys):
     output = tmp_path / "ablation"
     argv = ["--glas", str(glas_dir), "--output", str(output), "--data-dir", str(tmp_path / "data")]
@@ -44,6 +55,7 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
         for key in ("mdice", "pooled_mdice", "mjaccard", "pooled_mjaccard", "dice", "pooled_dice", "object_f1"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] == 0.0
         assert row["train_wall_s"] > 0 and math.isfinite(row["s_per_iteration"])
+        assert 0 < row["iteration_s"] < row["train_wall_s"]  # start-up and validations left out
         assert f"| {row['split']} % | {row['preset']} | 1 | {row['iterations']} |" in table
     assert "after post-processing (objects under 2000 px removed, holes filled)" in table
     with open(output / "results.csv", newline="") as handle:
