@@ -347,6 +347,7 @@ def run_one(
         "test_images": metrics["num_images"],
         **{key: metrics["overall"][key] for key in RECORD_METRICS},
         "postprocessing": metrics.get("postprocessing", "none"),
+        "tta": metrics.get("tta", "none"),
         "best_val_dice": max((value for _, value in scalars.get("val_dice", {}).values()), default=math.nan),
         "run_dir": str(run_dir),
     }
@@ -415,6 +416,7 @@ def summarise(records: list[dict]) -> list[dict]:
             row: dict[str, Any] = {"split": split, "preset": preset, "seeds": [r["seed"] for r in runs]}
             row["iterations"] = runs[0]["iterations"]
             row["postprocessing"] = runs[0]["postprocessing"]
+            row["tta"] = runs[0].get("tta") or "none"  # runs recorded before --tta existed had none
             for key in RECORD_METRICS:
                 row[key] = spread([r[key] for r in runs])
             for key in TIMINGS:  # runs recorded before a timing existed lack it: nan
@@ -427,13 +429,15 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
     test_images = f"{args.max_test_images}" if args.max_test_images else "the 80"
     cleanup = sorted({row["postprocessing"] for row in rows})
+    tta = sorted({row["tta"] for row in rows})
     configs = "configs/train.json + preset" + (" + configs/uni.json" if args.gpu else "")
     options = " ".join(f"--{key} {as_argument(value)}" for key, value in shared_options(args).items())
     lines = [
         "# Ablation on GlaS",
         "",
         f"Test set: {test_images} GlaS test images, scored at their original resolution after post-processing "
-        f"({'; '.join(cleanup)}). Every run: validation every {args.val_every} iterations, seeds "
+        f"({'; '.join(cleanup)}; test-time augmentation: {', '.join(tta)}). Every run: validation every "
+        f"{args.val_every} iterations, seeds "
         f"{', '.join(map(str, seeds))}; {configs}" + (f" with `{options}`." if options else " (their defaults)."),
         "Scores: mean ± sample standard deviation over seeds (min and max in results.csv); mDice and gland Dice are "
         "per-image means, pooled ones pool every pixel of the test set (the UniMatch-family convention). Wall and CPU "

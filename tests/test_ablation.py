@@ -52,12 +52,13 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     assert presets == [(10, "supervised", 4), (10, "mpamatch", 4), (10, "supervised_equal_time", 6)]
     for row in result["summary"]:
         assert row["seeds"] == [0] and row["postprocessing"] == "objects under 2000 px removed, holes filled"
+        assert row["tta"] == "none"
         for key in ("mdice", "pooled_mdice", "mjaccard", "pooled_mjaccard", "dice", "pooled_dice", "object_f1"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] == 0.0
         assert row["train_wall_s"] > 0 and math.isfinite(row["s_per_iteration"])
         assert 0 < row["iteration_s"] < row["train_wall_s"]  # start-up and validations left out
         assert f"| {row['split']} % | {row['preset']} | 1 | {row['iterations']} |" in table
-    assert "after post-processing (objects under 2000 px removed, holes filled)" in table
+    assert "after post-processing (objects under 2000 px removed, holes filled; test-time augmentation: none)" in table
     with open(output / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and all(0.0 <= float(row["pooled_mdice_mean"]) <= 1.0 for row in rows)

@@ -171,12 +171,14 @@ def test_evaluate_scores_a_known_network_as_computed_by_hand(tmp_path, prepared)
     torch.save(conv.state_dict(), tmp_path / "models" / "model.pt")
     args = ["run", "--bundle_root", str(REPO_ROOT), "--dataset_dir", str(prepared), "--output_dir", str(tmp_path),
             "--ckpt_dir", str(tmp_path / "models"), *SMALL, "--network_def", CONV_1X1, "--amp", "False",
-            "--image_scale", "1", "--min_object_area", "0", "--fill_holes", "False"]  # fmt: skip
+            "--image_scale", "1", "--min_object_area", "0", "--fill_holes", "False", "--tta", "dihedral"]  # fmt: skip
     done = run_bundle(["train.json", "evaluate.json"], args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "eval"
     metrics, rows = json.loads((out / "metrics.json").read_text()), read_rows(out)
-    assert metrics["postprocessing"] == "none"
+    # a 1x1 convolution commutes with flips: the 8 views average to its own prediction, the hand-computed one
+    assert metrics["postprocessing"] == "none" and metrics["tta"] == "dihedral"
+    assert "test-time augmentation: dihedral" in done.stdout
     items = json.loads((prepared / "datalist.json").read_text())["test"]
     assert [row["name"] for row in rows] == [item["name"] for item in items]
     expected = {item["name"]: hand_metrics(item["image"], item["label"]) for item in items}

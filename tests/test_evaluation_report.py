@@ -202,9 +202,10 @@ def test_metrics_json(report_run):
         "object_source",
         "class_names",
         "postprocessing",
+        "tta",
         "conventions",
     }
-    assert metrics["postprocessing"] == "none"
+    assert metrics["postprocessing"] == "none" and metrics["tta"] == "none"
     assert metrics["num_images"] == 4
     assert metrics["object_source"] == "connected_components"
     assert metrics["class_names"] == ["background", "gland"]
@@ -267,6 +268,7 @@ def test_printed_table(report_run, capsys):
     assert overall[6] == f"{EXPECTED_OVERALL['hd95']:.2f}"
     assert lines[2].split()[7] == f"{2 / 3:.4f}"  # testB object F1
     assert lines[4] == "post-processing of the predictions: none"
+    assert lines[5] == "test-time augmentation: none"
 
 
 def test_rerun_starts_afresh(report_run):

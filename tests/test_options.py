@@ -141,6 +141,8 @@ def test_devices_the_machine_lacks_are_refused():
             "error: --supervised_warmup_iterations 6 leaves no semi-supervised iteration: the run has 6",
         ),
         ("inference.json", ["--sw_batch_size", "0"], "error: --sw_batch_size must be a whole number >= 1, got 0"),
+        ("inference.json", ["--tta", "rotate"], "error: --tta must be one of none, flips, dihedral, got 'rotate'"),
+        ("train.json", ["--tta", "flip"], "error: --tta must be one of none, flips, dihedral, got 'flip'"),
         ("inference.json", ["--output_dri", "x"], "error: --output_dri is not an option of inference.json; did you"),
     ],
 )

@@ -88,10 +88,12 @@ def test_leftover_work_is_refused_without_resume(case, runs):  # noqa: F811
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("change", ["tile", "checkpoint"])
+@pytest.mark.parametrize("change", ["tile", "tta", "checkpoint"])
 def test_changed_settings_are_refused(case, runs, tmp_path, change):  # noqa: F811
     if change == "tile":
         seg, what = segmenter(case, runs["out"], resume="true", wsi_tile_size=384), "tile_size"
+    elif change == "tta":
+        seg, what = segmenter(case, runs["out"], resume="true", tta="flips"), "tta"
     else:
         other = tmp_path / "other.pt"
         shutil.copy(case["checkpoint"], other)

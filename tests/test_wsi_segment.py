@@ -205,6 +205,20 @@ def test_glass_windows_are_skipped_without_changing_the_result(case, result):
     assert geometries(every["out"] / "glas.geojson") == geometries(result["out"] / "glas.geojson")
 
 
+def test_tta_runs_each_window_in_every_view_with_glass_skipping(case, result):
+    """``--tta flips``: the same windows are computed (glass still skipped), each in 4 views; the pixel-wise network
+    is flip-equivariant, so the mask is unchanged."""
+    flipped = counted_run(case, case["folder"] / "tta", tta="flips")
+    assert flipped["segmenter"].glass_inferer is not None
+    assert flipped["summary"]["windows"] == result["summary"]["windows"]
+    assert flipped["windows"] == 4 * result["windows"]
+    with (
+        tifffile.TiffFile(flipped["out"] / "glas_mask.tif") as a,
+        tifffile.TiffFile(result["out"] / "glas_mask.tif") as b,
+    ):
+        np.testing.assert_array_equal(a.asarray(), b.asarray())
+
+
 def test_polygons_match_the_expected_mask(case, result):
     """GeoJSON polygons (level-0 coordinates) rasterised on the working grid equal the expected mask (IoU > 0.95);
     the same polygons swapped in x/y, moved by one tile or at the level's downsample without the residual scale

@@ -153,6 +153,8 @@ class SegmentationReport:
         connectivity: 2 for 8-connected objects (GlaS), 1 for 4-connected.
         overlay_thickness: contour width in pixels.
         postprocessing: what was done to the predictions before scoring (written to ``metrics.json`` and printed).
+        tta: the test-time augmentation of the predictions (``--tta``: ``none``, ``flips``, ``dihedral``; written to
+            ``metrics.json`` and printed).
 
     Values are read from each item of ``engine.state.output`` first, then from the matching item of
     ``engine.state.batch`` (where MONAI leaves the datalist's extra keys such as ``name`` and ``part``). After a
@@ -180,9 +182,11 @@ class SegmentationReport:
         connectivity: int = GLAS_CONNECTIVITY,
         overlay_thickness: int = 2,
         postprocessing: str = "none",
+        tta: str = "none",
     ) -> None:
         self.class_names = [str(name) for name in class_names]
         self.postprocessing = str(postprocessing)
+        self.tta = str(tta)
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
         if len(self.class_names) != self.num_classes:
             raise BundleInputError(
@@ -432,6 +436,7 @@ class SegmentationReport:
             "object_source": self._object_source_used(),
             "class_names": list(self.class_names),
             "postprocessing": self.postprocessing,
+            "tta": self.tta,
             "conventions": dict(CONVENTIONS),
         }
 
@@ -473,6 +478,7 @@ class SegmentationReport:
         self.metrics = serialisable
         if self.summary:
             table = self.table(metrics) + f"\npost-processing of the predictions: {self.postprocessing}"
+            table += f"\ntest-time augmentation: {self.tta}"
             print(table, flush=True)
             logger.info("segmentation report (%d images):\n%s", len(self.rows), table)
         logger.info(

@@ -8,6 +8,7 @@
 - :mod:`.label_output`: ``LabelOutputd`` (the class map as a uint8 (x, y) label: the end of ``postprocessing``, what
   MONAI Label saves)
 - :mod:`.scaling`: ``ScaledInferer`` (predicts at the model's ``image_scale``, returns the input's size)
+- :mod:`.tta`: ``FlipInferer`` (``tta``: each window predicted in flipped views, their probabilities averaged)
 - :mod:`.large_images`: ``LargeImageSegmenter`` (block-wise sliding-window inference, tiled TIFF output)
 - :mod:`.skipping`: ``--on_error stop|skip`` (``SkippedImages``, ``readable_items``: unreadable images left out and
   listed in ``skipped.csv``)
@@ -23,6 +24,7 @@ from .large_images import LargeImageSegmenter
 from .regions import ArrayRegionReader, TiffRegionReader, open_region_reader
 from .scaling import ScaledInferer, check_image_scale
 from .skipping import SkippedImages, UnreadableImage, check_on_error, readable_items
+from .tta import TTA_MODES, FlipAveraging, FlipInferer, check_tta
 from .writers import (
     OutputFolderLayout,
     SaveSegmentationd,
@@ -35,7 +37,10 @@ from .writers import (
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "TTA_MODES",
     "ArrayRegionReader",
+    "FlipAveraging",
+    "FlipInferer",
     "CheckpointWeightsLoader",
     "LabelOutputd",
     "LargeImageSegmenter",
@@ -52,6 +57,7 @@ __all__ = [
     "filter_by_size",
     "check_image_scale",
     "check_on_error",
+    "check_tta",
     "check_output_files",
     "describe_cleanup",
     "image_size",

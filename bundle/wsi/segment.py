@@ -53,6 +53,7 @@ from ..errors import BundleInputError
 from ..inference.checkpoint import CheckpointWeightsLoader
 from ..inference.cleanup import MaskCleanup
 from ..inference.large_images import first_argmax
+from ..inference.tta import FlipAveraging, check_tta
 from ..inference.writers import temporary_name, to_output_dtype
 from ..options import as_switch
 from .geojson import PolygonCollector
@@ -180,8 +181,8 @@ class SlideSegmenter:
     Args:
         slides: a slide file or a folder of slides (:data:`SLIDE_SUFFIXES`).
         network: the segmentation network (weights loaded through ``weights`` first when given).
-        inferer: the raw sliding-window inferer (``@inferer#inferer``: no ``image_scale`` resize, the level choice
-            and the residual scale do that), called as ``inferer(batch, network)``.
+        inferer: the raw sliding-window inferer (``@sliding_window_inferer``: no ``image_scale`` resize, the level
+            choice and the residual scale do that), called as ``inferer(batch, predictor)``.
         intensity_mean, intensity_std: per-channel normalisation of [0, 1] RGB, as the training preprocessing.
         output_dir: where the outputs go (created).
         image_scale: the model's ``image_scale``; the model works at ``GlaS 0.62 µm/px / image_scale``.
@@ -202,6 +203,8 @@ class SlideSegmenter:
             whose outputs are complete; ``True``/``False`` or the text ``"true"``/``"false"``.
         skip_glass: inside a tissue tile, run the network only on the sliding windows that touch tissue (the others
             are background; :mod:`bundle.wsi.glass_windows`); needs a plain ``SlidingWindowInferer``.
+        tta: test-time augmentation of every window (``"none"``, ``"flips"``, ``"dihedral"``:
+            :mod:`bundle.inference.tta`), as in the other inference paths.
     """
 
     def __init__(
@@ -230,6 +233,7 @@ class SlideSegmenter:
         mask_tile: int = 256,
         resume: bool | str = False,
         skip_glass: bool | str = True,
+        tta: str = "none",
     ) -> None:
         if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 16:
             raise BundleInputError(f"--wsi_tile_size must be a whole number >= 16 (working pixels), got {tile_size!r}")
@@ -243,6 +247,9 @@ class SlideSegmenter:
             raise BundleInputError(f"--wsi_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.slides_source = slides
         self.network = network
+        self.tta = check_tta(tta)
+        # what the inferer calls on each batch of windows: the network, or the mean of its flipped views
+        self.predictor = FlipAveraging(network, self.tta)
         self.inferer = inferer
         self.mean = torch.as_tensor(intensity_mean, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.std = torch.as_tensor(intensity_std, dtype=torch.float32).reshape(1, -1, 1, 1)
@@ -427,7 +434,7 @@ class SlideSegmenter:
         autocast = self.amp and self.device.type == "cuda"
         with torch.no_grad(), torch.autocast(self.device.type, enabled=autocast):
             if predictor is None:
-                logits = self.inferer(batch, self.network)
+                logits = self.inferer(batch, self.predictor)
             else:
                 logits = self.glass_inferer(batch, predictor)
         return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
@@ -444,7 +451,7 @@ class SlideSegmenter:
             c0, c1 = grid.level0_range(left + x0, left + x1, 1)
             return r1 > r0 and c1 > c0 and tissue.has_tissue(r0, c0, r1 - r0, c1 - c0, margin)
 
-        return GlassWindowPredictor(self.network, touches_tissue, shape, self.window_roi, self.num_classes)
+        return GlassWindowPredictor(self.predictor, touches_tissue, shape, self.window_roi, self.num_classes)
 
     def _segment_tile(self, slide, grid, top, left, tissue=None, windows=None) -> tuple[np.ndarray, np.ndarray | None]:
         """The core's classes (uint8, after the clean-up on the whole window) and, when saved, its foreground
@@ -514,6 +521,7 @@ class SlideSegmenter:
             "intensity_mean": self.mean.flatten().tolist(),
             "intensity_std": self.std.flatten().tolist(),
             "inferer": inferer,
+            "tta": self.tta,
             "checkpoint": checkpoint,
         }
 
