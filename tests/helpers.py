@@ -30,7 +30,8 @@ def config_files(*presets: str) -> list[str]:
 
 
 def small_overrides(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
-    """Overrides that shrink a training run to seconds: the tiny network, 64 px crops, 2 epochs of 3 iterations."""
+    """Overrides that shrink a training run to seconds: the tiny network, 64 px crops, 2 epochs of 3 iterations, all of
+    them semi-supervised ones."""
     overrides = {
         "bundle_root": str(REPO_ROOT),
         "dataset_dir": str(dataset_dir),
@@ -43,6 +44,7 @@ def small_overrides(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
         "zoom_range": [0.5, 1.0],
         "threshold_warmup_iterations": 2,
         "prototype_warmup_iterations": 2,
+        "supervised_warmup_fraction": 0,  # semi-supervised from the first iteration; the warm-up has its own tests
         "cache_rate": 0.0,
         "sw_batch_size": 2,
         "log_interval": 1,

@@ -50,6 +50,9 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     assert table in capsys.readouterr().out  # printed exactly as written
     presets = [(row["split"], row["preset"], row["iterations"]) for row in result["summary"]]
     assert presets == [(10, "supervised", 4), (10, "mpamatch", 4), (10, "supervised_equal_time", 6)]
+    # every iteration of the supervised presets, the default warm-up of mpamatch's (round(4 x 0.8333) = 3)
+    assert [row["supervised_iterations"] for row in result["summary"]] == [4, 3, 6]
+    assert "| 10 % | mpamatch | 1 | 4 | 3 | " in table
     for row in result["summary"]:
         assert row["seeds"] == [0] and row["postprocessing"] == "objects under 2000 px removed, holes filled"
         assert row["tta"] == "none"
@@ -127,6 +130,7 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     assert [row["mdice"]["mean"] for row in merged["summary"]] == pytest.approx(
         [row["mdice"]["mean"] for row in again["summary"]], abs=1e-6
     )
+    assert [row["supervised_iterations"] for row in merged["summary"]] == [4, 3, 6]  # read back from runs.csv
     assert (tmp_path / "joined" / "curves_10.csv").read_text() == (copied / "curves_10.csv").read_text()
     assert not (tmp_path / "joined" / "runs").exists()  # nothing trained or evaluated
     (copied / "settings.json").write_text(json.dumps({"iterations": 8}))

@@ -140,6 +140,11 @@ def test_devices_the_machine_lacks_are_refused():
             ["--max_epochs", "2", "--epoch_length", "3", "--supervised_warmup_iterations", "6"],
             "error: --supervised_warmup_iterations 6 leaves no semi-supervised iteration: the run has 6",
         ),
+        (
+            "train.json",
+            ["--supervised_warmup_fraction", "1"],
+            "error: --supervised_warmup_fraction must be a number >= 0 and < 1, got 1",
+        ),
         ("inference.json", ["--sw_batch_size", "0"], "error: --sw_batch_size must be a whole number >= 1, got 0"),
         ("inference.json", ["--tta", "rotate"], "error: --tta must be one of none, flips, dihedral, got 'rotate'"),
         ("train.json", ["--tta", "flip"], "error: --tta must be one of none, flips, dihedral, got 'flip'"),

@@ -28,6 +28,7 @@ def _overrides(tmp_path, data) -> list[str]:
         "sw_batch_size": 2,
         "log_interval": 1,
         "learning_rate": 0.002,
+        "supervised_warmup_fraction": 0,  # every iteration semi-supervised: each term logged at every step
         "seed": 3,
         **{key: str(value).replace(" ", "") for key, value in TINY_NETWORK.items()},
     }

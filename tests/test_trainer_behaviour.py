@@ -18,7 +18,7 @@ from bundle.engine.cutmix import CutMix
 from bundle.engine.trainer import SemiSupervisedTrainer
 from bundle.errors import BundleInputError
 from bundle.losses import ImagePrototypeBank, MPAMatchLoss, StepOutputs
-from bundle.options import check_supervised_warmup
+from bundle.options import check_supervised_warmup, supervised_warmup_iterations
 
 CLASSES = 8
 SIZE = 16
@@ -231,6 +231,37 @@ def test_supervised_warmup_as_long_as_the_run_is_refused():
     trainer(IdNetwork(), Recording(), [], epochs=2, length=3, warmup=6)  # no unlabelled data: supervised anyway
     check_supervised_warmup(6, 2, 3, semi_supervised=False)  # the supervised preset (use_unlabeled false)
     check_supervised_warmup(5, 2, 3, semi_supervised=True)
+
+
+def test_the_warmup_fraction_gives_the_measured_recipes_and_always_leaves_a_semi_supervised_iteration():
+    assert supervised_warmup_iterations(0.8333, 36, 100) == 3000  # 2999.88: the 3600-iteration recipe
+    assert supervised_warmup_iterations(0.8333, 18, 100) == 1500  # the 1800-iteration recipe
+    assert supervised_warmup_iterations(0.8333, 8, 25) == 167  # 166.66: the README's 200 iterations
+    assert supervised_warmup_iterations(0.99, 2, 3) == 5  # 5.94 would round to all 6: one is kept semi-supervised
+    assert supervised_warmup_iterations(0.8333, 1, 1) == 0
+    assert supervised_warmup_iterations(0, 36, 100) == 0
+    assert supervised_warmup_iterations(0.5, "8", 25) == 0  # a schedule that is not numbers: check_values says so
+    for fraction in (1, 1.5, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(BundleInputError, match=r"^--supervised_warmup_fraction must be a number >= 0 and < 1"):
+            supervised_warmup_iterations(fraction, 36, 100)
+
+
+@pytest.mark.parametrize(
+    "presets, overrides, expected",
+    [
+        ([], {}, 167),  # the default: 5/6 of the README's 8 x 25 iterations
+        ([], {"max_epochs": 36, "epoch_length": 100}, 3000),  # the schedule alone sets the recipe
+        (["unimatch"], {"max_epochs": 18, "epoch_length": 100}, 1500),
+        ([], {"max_epochs": 36, "epoch_length": 100, "supervised_warmup_iterations": 100}, 100),  # an explicit count
+        ([], {"supervised_warmup_fraction": 0}, 0),
+        (["uni"], {}, 0),  # the paper's recipe: semi-supervised from the start
+    ],
+)
+def test_the_configs_supervised_warmup_follows_the_schedule(presets, overrides, expected):
+    parser = ConfigParser()
+    parser.read_config(["configs/train.json"] + [f"configs/{name}.json" for name in presets])
+    parser.update(overrides)
+    assert parser.get_parsed_content("supervised_warmup_iterations") == expected
 
 
 def unit(*vector: float) -> torch.Tensor:
