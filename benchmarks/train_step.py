@@ -237,6 +237,7 @@ def make_workflow(preset: str, args: argparse.Namespace, out_dir: str):
         "train#handlers": [],
         "train#trainer#train_data_loader": "$[None]",
         "train#trainer#unlabeled_data_loader": "$[None]",
+        "supervised_warmup_fraction": 0,  # every timed iteration a semi-supervised one
         **(TINY_NETWORK if args.network == "tiny" else {}),
     }
     if args.amp:
