@@ -193,21 +193,31 @@ def check_values(
                 )
 
 
-def supervised_warmup_iterations(fraction: Any, max_epochs: Any, epoch_length: Any) -> int:
+def _schedule_length(max_epochs: Any, epoch_length: Any) -> int | None:
+    """``max_epochs`` x ``epoch_length``, or None when either is not a whole number >= 1 (check_values says so)."""
+    if _whole(max_epochs) and _whole(epoch_length) and max_epochs >= 1 and epoch_length >= 1:
+        return max_epochs * epoch_length
+    return None
+
+
+def supervised_warmup_iterations(fraction: Any, max_epochs: Any, epoch_length: Any, min_schedule: Any = 0) -> int:
     """The supervised warm-up as a share of the run (``supervised_warmup_fraction``), so that the recipe measured on
     GlaS (5/6 of 1800 and of 3600 iterations) follows the schedule that ``max_epochs`` and ``epoch_length`` set.
     Rounded to the nearest iteration, and at most all but one: a semi-supervised run keeps a semi-supervised
-    iteration. A schedule that is not whole numbers gives 0 here and is reported by :func:`check_values`."""
+    iteration. A schedule shorter than ``min_schedule`` gets none: at 600 iterations the 100 semi-supervised ones
+    left after a 5/6 warm-up fell below supervised training on GlaS 20 %, where 600 semi-supervised ones did not."""
     _check("supervised_warmup_fraction", fraction, _real(fraction) and 0 <= fraction < 1, "a number >= 0 and < 1")
-    if not (_whole(max_epochs) and _whole(epoch_length) and max_epochs >= 1 and epoch_length >= 1):
+    ok = _whole(min_schedule) and min_schedule >= 0
+    _check("supervised_warmup_min_schedule", min_schedule, ok, "a whole number >= 0")
+    total = _schedule_length(max_epochs, epoch_length)
+    if total is None or total < min_schedule:
         return 0
-    total = max_epochs * epoch_length
     return min(int(round(fraction * total)), total - 1)
 
 
 def check_supervised_warmup(iterations: Any, max_epochs: Any, epoch_length: Any, semi_supervised: Any) -> None:
     """A supervised warm-up shorter than the run, when it has unlabelled data: otherwise no iteration would use it."""
-    total = max_epochs * epoch_length if _whole(max_epochs) and _whole(epoch_length) else None
+    total = _schedule_length(max_epochs, epoch_length)
     if semi_supervised and _whole(iterations) and total and iterations >= total:
         raise BundleInputError(
             f"--supervised_warmup_iterations {iterations} leaves no semi-supervised iteration: the run has {total} "

@@ -43,7 +43,7 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
     argv += ["--splits", "10", "--presets", "supervised", "mpamatch", "supervised_equal_time", "--seeds", "0"]
     argv += ["--iterations", "4"]
     argv += ["--val-every", "2", "--patch-size", "64", "--max-test-images", "4", "--equal-time-iterations", "6"]
-    argv += ["--extra", TINY_NETWORK]
+    argv += ["--extra", TINY_NETWORK + " --supervised_warmup_min_schedule 0"]  # a warm-up in a 4-iteration run
     result = ablation.main(argv)
 
     table = (output / "results.md").read_text(encoding="utf-8")
@@ -97,7 +97,7 @@ def test_ablation_runs_evaluates_writes_the_table_and_resumes(tmp_path, glas_dir
 
     # a command for one preset still summarises every finished run of the folder
     alone = argv[: argv.index("--presets") + 1] + ["supervised", "--seeds", "0", "--iterations", "4"]
-    alone += ["--val-every", "2", "--patch-size", "64", "--max-test-images", "4", "--extra", TINY_NETWORK]
+    alone += ["--val-every", "2", "--patch-size", "64", "--max-test-images", "4", "--extra", argv[-1]]
     summary = ablation.main(alone)["summary"]
     assert [row["preset"] for row in summary] == ["supervised", "mpamatch", "supervised_equal_time"]
     assert [row["mdice"] for row in summary] == [row["mdice"] for row in again["summary"]]

@@ -246,10 +246,23 @@ def test_the_warmup_fraction_gives_the_measured_recipes_and_always_leaves_a_semi
             supervised_warmup_iterations(fraction, 36, 100)
 
 
+def test_schedules_shorter_than_the_minimum_get_no_warmup():
+    assert supervised_warmup_iterations(0.8333, 6, 100, min_schedule=1800) == 0  # 600: semi-supervised throughout
+    assert supervised_warmup_iterations(0.8333, 17, 100, min_schedule=1800) == 0  # 1700: one epoch short
+    assert supervised_warmup_iterations(0.8333, 18, 100, min_schedule=1800) == 1500  # the measured 1800 recipe
+    assert supervised_warmup_iterations(0.8333, 36, 100, min_schedule=1800) == 3000
+    assert supervised_warmup_iterations(0.8333, 8, 25, min_schedule=0) == 167
+    for bad in (-1, 1.5, "1800", True, None):
+        with pytest.raises(BundleInputError, match=r"^--supervised_warmup_min_schedule must be a whole number >= 0"):
+            supervised_warmup_iterations(0.8333, 36, 100, min_schedule=bad)
+
+
 @pytest.mark.parametrize(
     "presets, overrides, expected",
     [
-        ([], {}, 167),  # the default: 5/6 of the README's 8 x 25 iterations
+        ([], {}, 0),  # the README's 8 x 25 iterations: shorter than the 1800 that get a warm-up
+        ([], {"max_epochs": 6, "epoch_length": 100}, 0),
+        ([], {"supervised_warmup_min_schedule": 0}, 167),  # 5/6 of 200 without the minimum
         ([], {"max_epochs": 36, "epoch_length": 100}, 3000),  # the schedule alone sets the recipe
         (["unimatch"], {"max_epochs": 18, "epoch_length": 100}, 1500),
         ([], {"max_epochs": 36, "epoch_length": 100, "supervised_warmup_iterations": 100}, 100),  # an explicit count
